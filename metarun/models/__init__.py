@@ -1,0 +1,6 @@
+"""Networks. Each is a plain nn.Module whose parameters the algorithms use as a dict of tensors."""
+
+from metarun.models.conv4 import Conv4
+from metarun.models.mlp import MLP
+
+__all__ = ["Conv4", "MLP"]

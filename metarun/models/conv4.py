@@ -1,0 +1,53 @@
+"""Conv4: the four-block convolutional network of the meta-learning literature.
+
+Two variants, both 4 x [3x3 conv, batch norm, ReLU]:
+- ``stride``: MAML's Omniglot network (Finn et al. 2017, reference code): stride-2 convolutions,
+  no pooling, features averaged over the final spatial map.
+- ``maxpool``: the Vinyals/Snell/MAML-miniImageNet network: stride-1 convolutions, each block
+  followed by 2x2 max-pooling, features flattened.
+"""
+
+import torch
+from torch import nn
+
+from metarun.models.batchnorm import BatchStatNorm
+
+VARIANTS = ("stride", "maxpool")
+
+
+class Conv4(nn.Module):
+    def __init__(
+        self,
+        out_features: int,
+        in_channels: int = 1,
+        hidden: int = 64,
+        variant: str = "stride",
+        image_size: int = 28,
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"model.variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
+        stride = 2 if variant == "stride" else 1
+        blocks = []
+        for i in range(4):
+            layers = [
+                nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, stride=stride, padding=1),
+                BatchStatNorm(hidden),
+                nn.ReLU(),
+            ]
+            if variant == "maxpool":
+                layers.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*blocks)
+        with torch.no_grad():
+            dim = self._embed(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
+        self.head = nn.Linear(dim, out_features)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        # MAML's reference code averages the 2x2 map of the strided network; the pooled one flattens.
+        return h.mean(dim=(2, 3)) if self.variant == "stride" else h.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._embed(x))

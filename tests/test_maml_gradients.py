@@ -1,0 +1,126 @@
+"""Numerical truth for MAML: both execution paths against an independent per-task reference.
+
+The reference is written from scratch (F.conv2d, native F.batch_norm, a plain loop over tasks and
+``torch.autograd.grad(create_graph=True)``); it shares nothing with metarun's inner loop or its
+batch norm, so a wrong meta-gradient on either path (the vmap + native BatchNorm trap of
+DEVELOPERS.md, a detached inner gradient, a mixed-up task) shows up as a relative error.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metarun.algos.maml import MAML
+from metarun.data.episode import Episode
+from metarun.models import MLP, Conv4
+
+WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
+
+
+def conv4_reference_forward(p, x):
+    h = x
+    for i in range(4):
+        h = F.conv2d(h, p[f"features.{i}.0.weight"], p[f"features.{i}.0.bias"], stride=2, padding=1)
+        h = F.batch_norm(h, None, None, p[f"features.{i}.1.weight"], p[f"features.{i}.1.bias"], training=True)
+        h = F.relu(h)
+    return F.linear(h.mean(dim=(2, 3)), p["head.weight"], p["head.bias"])
+
+
+def mlp_reference_forward(p, x):
+    h = F.relu(F.linear(x, p["net.0.weight"], p["net.0.bias"]))
+    h = F.relu(F.linear(h, p["net.2.weight"], p["net.2.bias"]))
+    return F.linear(h, p["net.4.weight"], p["net.4.bias"])
+
+
+def reference_meta_grad(params, forward, loss_fn, episode, lr, steps, first_order):
+    total = 0.0
+    for t in range(episode.num_tasks):
+        fast = dict(params)
+        for _ in range(steps):
+            loss = loss_fn(forward(fast, episode.support_x[t]), episode.support_y[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
+        total = total + loss_fn(forward(fast, episode.query_x[t]), episode.query_y[t])
+    return torch.autograd.grad(total / episode.num_tasks, list(params.values()))
+
+
+def image_episode(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(WAYS)
+    return Episode(
+        support_x=torch.randn(TASKS, WAYS * SHOTS, 1, 28, 28, generator=g, dtype=torch.float64),
+        support_y=labels.repeat_interleave(SHOTS).expand(TASKS, -1).clone(),
+        query_x=torch.randn(TASKS, WAYS * QUERIES, 1, 28, 28, generator=g, dtype=torch.float64),
+        query_y=labels.repeat_interleave(QUERIES).expand(TASKS, -1).clone(),
+        ways=WAYS, shots=SHOTS, queries=QUERIES,
+    )
+
+
+def regression_episode(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(TASKS, 10, 1, generator=g, dtype=torch.float64) * 10 - 5
+    y = torch.sin(x) * 2
+    return Episode(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:], ways=1, shots=5, queries=5)
+
+
+def relative_error(got, want):
+    got = torch.cat([g.flatten() for g in got])
+    want = torch.cat([w.flatten() for w in want])
+    return ((got - want).norm() / want.norm()).item()
+
+
+def algo_meta_grad(algo, episode):
+    params = list(algo.model.parameters())
+    loss, _ = algo.meta_loss(episode)
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_conv4_meta_gradient_matches_reference(batching, steps, first_order):
+    torch.manual_seed(0)
+    model = Conv4(out_features=WAYS, hidden=4).double()
+    algo = MAML(model, "classification", inner_lr=0.4, inner_steps=steps, first_order=first_order, batching=batching)
+    episode = image_episode()
+    want = reference_meta_grad(
+        dict(model.named_parameters()), conv4_reference_forward, F.cross_entropy, episode, 0.4, steps, first_order
+    )
+    assert relative_error(algo_meta_grad(algo, episode), want) < 1e-9
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_meta_gradient_matches_reference(batching, first_order):
+    torch.manual_seed(0)
+    model = MLP().double()
+    algo = MAML(model, "regression", inner_lr=0.01, inner_steps=3, first_order=first_order, batching=batching)
+    episode = regression_episode()
+    want = reference_meta_grad(
+        dict(model.named_parameters()), mlp_reference_forward, F.mse_loss, episode, 0.01, 3, first_order
+    )
+    assert relative_error(algo_meta_grad(algo, episode), want) < 1e-9
+
+
+def test_first_order_differs_from_second_order():
+    # Guards the tests above: the two references must disagree, or first-order would be untested.
+    torch.manual_seed(0)
+    model = Conv4(out_features=WAYS, hidden=4).double()
+    params, episode = dict(model.named_parameters()), image_episode()
+    second = reference_meta_grad(params, conv4_reference_forward, F.cross_entropy, episode, 0.4, 1, False)
+    first = reference_meta_grad(params, conv4_reference_forward, F.cross_entropy, episode, 0.4, 1, True)
+    assert relative_error(first, second) > 1e-3
+
+
+def test_evaluate_paths_agree_and_adaptation_helps():
+    torch.manual_seed(0)
+    model = Conv4(out_features=WAYS, hidden=4).double()
+    episode = image_episode()
+    # Queries equal to the support images: a few SGD steps must fit them.
+    episode.query_x, episode.query_y = episode.support_x, episode.support_y
+    loop = MAML(model, "classification", inner_lr=0.4, batching="loop").evaluate(episode, steps=5)
+    vmapped = MAML(model, "classification", inner_lr=0.4, batching="vmap").evaluate(episode, steps=5)
+    assert loop.shape == (TASKS, 6)
+    torch.testing.assert_close(loop, vmapped)
+    assert loop[:, -1].mean() > loop[:, 0].mean()
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,5 @@
+import sys
+
+from metarun.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""Typed schemas for the config groups, and where metarun finds its ``conf/`` directory.
+
+The YAML files in ``conf/`` hold the values; these dataclasses hold the types, so a wrong type
+(``data.shots=abc``) or an unknown key (``data.shot=1``) is rejected when Hydra composes the
+config. Each group file starts from its schema: ``defaults: [/schema/<group>/<name>@_here_, _self_]``.
+"""
+
+import os
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+def conf_dir() -> str:
+    """Absolute path of the packaged ``conf/`` (a relative config_path breaks console scripts)."""
+    return str(Path(str(files("metarun.conf"))).resolve())
+
+
+def default_data_root() -> str:
+    """``$METARUN_DATA_DIR``, else a per-user cache directory."""
+    if os.environ.get("METARUN_DATA_DIR"):
+        return os.environ["METARUN_DATA_DIR"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "metarun", "data")
+
+
+OmegaConf.register_new_resolver("metarun.data_root", default_data_root, replace=True)
+
+
+# -- data --------------------------------------------------------------------------------------
+@dataclass
+class OmniglotConfig:
+    _target_: str = MISSING
+    ways: int = MISSING
+    shots: int = MISSING
+    queries: int = MISSING
+    split: str = MISSING
+    root: str = MISSING
+    cache_dir: Optional[str] = None
+    url: str = MISSING
+    download: bool = True
+    channels: int = 1
+    image_size: int = 28
+
+
+@dataclass
+class SinusoidConfig:
+    _target_: str = MISSING
+    shots: int = MISSING
+    queries: int = MISSING
+    amplitude: list[float] = MISSING
+    phase: list[float] = MISSING
+    x_range: list[float] = MISSING
+
+
+# -- models ------------------------------------------------------------------------------------
+@dataclass
+class Conv4Config:
+    _target_: str = MISSING
+    out_features: int = MISSING
+    in_channels: int = MISSING
+    image_size: int = MISSING
+    hidden: int = MISSING
+    variant: str = MISSING
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = MISSING
+    in_features: int = MISSING
+    hidden: list[int] = MISSING
+    out_features: int = MISSING
+
+
+# -- algorithms --------------------------------------------------------------------------------
+@dataclass
+class MAMLConfig:
+    _target_: str = MISSING
+    inner_lr: float = MISSING
+    inner_steps: int = MISSING
+    eval_inner_steps: int = MISSING
+    first_order: bool = MISSING
+    batching: str = MISSING
+
+
+# -- device and the run itself -----------------------------------------------------------------
+@dataclass
+class DeviceConfig:
+    name: str = MISSING  # auto, cpu, cuda or cuda:N
+
+
+@dataclass
+class TrainLoopConfig:
+    meta_batch_size: int = MISSING
+    iterations: int = MISSING
+    meta_lr: float = MISSING
+    val_every: int = MISSING
+    val_episodes: int = MISSING
+    log_every: int = MISSING
+
+
+@dataclass
+class TestConfig:
+    episodes: int = MISSING
+    checkpoint: str = MISSING  # best or last
+    eval_seed: int = MISSING
+
+
+@dataclass
+class TrainConfig:
+    data: Any = MISSING
+    model: Any = MISSING
+    algo: Any = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    seed: int = MISSING
+
+
+@dataclass
+class EvalDataConfig:
+    """Where the data is on this machine; the rest of ``data`` comes from the checkpoint."""
+
+    root: str = MISSING
+    cache_dir: Optional[str] = None
+    url: Optional[str] = None  # null: as in the checkpoint
+    download: bool = True
+
+
+@dataclass
+class EvalAlgoConfig:
+    eval_inner_steps: Optional[int] = None  # null: as in the checkpoint
+    batching: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING
+    batch_size: int = MISSING
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    algo: EvalAlgoConfig = field(default_factory=EvalAlgoConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    for group, name, node in [
+        ("data", "omniglot", OmniglotConfig),
+        ("data", "sinusoid", SinusoidConfig),
+        ("model", "conv4", Conv4Config),
+        ("model", "mlp", MLPConfig),
+        ("algo", "maml", MAMLConfig),
+        ("device", "device", DeviceConfig),
+    ]:
+        cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+register_schemas()

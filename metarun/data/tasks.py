@@ -1,0 +1,47 @@
+"""The interface between a dataset and the training loop: draw tasks, then build their tensors.
+
+Sampling is split in two so that fixed evaluation tasks do not depend on the batch size they are
+evaluated in: ``draw`` makes all random choices for ``n`` tasks as small CPU tensors (with a
+``torch.Generator``, so a checkpoint can store and restore the stream exactly), ``materialize``
+turns a slice of those choices into an ``Episode`` on the data's device.
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from metarun.data.episode import Episode
+
+SPLITS = ("train", "val", "test")
+_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+class TaskSource:
+    """Base class of the data sources built from ``data`` configs."""
+
+    task: str  # "classification" or "regression"
+    device = torch.device("cpu")
+
+    def draw(self, split: str, num_tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def materialize(self, split: str, drawn: tuple[torch.Tensor, ...]) -> Episode:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> "TaskSource":
+        self.device = torch.device(device)
+        return self
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> Episode:
+        return self.materialize(split, self.draw(split, num_tasks, generator))
+
+    def fixed_episodes(self, split: str, count: int, batch_size: int, seed: int) -> Iterator[Episode]:
+        """The same ``count`` tasks of ``split`` for every run with this ``seed``, in batches."""
+        generator = torch.Generator().manual_seed(1000 * seed + _SPLIT_OFFSET[split])
+        drawn = self.draw(split, count, generator)
+        for start in range(0, count, batch_size):
+            yield self.materialize(split, tuple(t[start : start + batch_size] for t in drawn))
+
+    def summary(self) -> dict[str, object]:
+        """A few facts worth printing at the start of a run."""
+        return {}

@@ -1,0 +1,59 @@
+"""``metarun eval ckpt=PATH``: meta-test a saved checkpoint on the fixed test tasks of its data.
+
+The checkpoint describes itself: its resolved config rebuilds the data source, network and
+algorithm; this command supplies only the device, where the data lives, and the test settings.
+Writes ``metrics.json`` (the ``test`` section of ``metarun train``'s) into its own run directory.
+"""
+
+import logging
+from pathlib import Path
+
+import hydra
+import rich
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.config import conf_dir
+from metarun.evaluation import meta_test
+from metarun.train import build_experiment
+from metarun.utils.checkpoint import load_checkpoint
+from metarun.utils.display import progress_bar, results_table
+from metarun.utils.task import run_task, write_json
+
+log = logging.getLogger("metarun")
+
+
+def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
+    """The checkpoint's config with this command's evaluation settings laid over it."""
+    run = OmegaConf.create(saved)
+    run.device = cfg.device
+    run.test = cfg.test
+    run.data.root, run.data.cache_dir, run.data.download = cfg.data.root, cfg.data.cache_dir, cfg.data.download
+    if cfg.data.url is not None:
+        run.data.url = cfg.data.url
+    for key in ("eval_inner_steps", "batching"):
+        if cfg.algo[key] is not None:
+            run.algo[key] = cfg.algo[key]
+    return run
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> float:
+    path = Path(cfg.ckpt).expanduser()
+    state = load_checkpoint(path)
+    run = run_config(cfg, state["config"])
+    _, data, algo = build_experiment(run)
+    algo.load_state_dict(state["algo"])
+    log.info(f"evaluating {path} (iteration {state['iteration']}) on {cfg.test.episodes} test tasks")
+    with progress_bar() as progress:
+        test = meta_test(algo, data, "test", cfg.test.episodes, cfg.batch_size, algo.eval_inner_steps,
+                         cfg.test.eval_seed, progress)
+    test["checkpoint"] = f"{path} (iteration {state['iteration']})"
+    write_json(run_dir / "metrics.json", {"task": algo.task, "metric": algo.metric, "test": test,
+                                          "config": OmegaConf.to_container(run, resolve=True)})
+    rich.print(results_table(f"{algo.__class__.__name__}: {path}", algo.metric, test, None))
+    return test[algo.metric]
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")
+def main(cfg: DictConfig) -> float:
+    return run_task(evaluate, cfg, Path(HydraConfig.get().runtime.output_dir), "eval.log")

@@ -1,0 +1,36 @@
+"""Meta-validation and meta-test over fixed tasks: mean and 95% CI, after every inner step."""
+
+import torch
+
+from metarun.algos.base import MetaAlgorithm
+from metarun.data.tasks import TaskSource
+from metarun.utils.stats import mean_ci95
+
+
+def meta_test(algo: MetaAlgorithm, data: TaskSource, split: str, episodes: int, batch_size: int, steps: int,
+              seed: int, progress=None) -> dict:
+    """Evaluate ``algo`` on ``episodes`` fixed tasks of ``split``.
+
+    The tasks depend only on ``seed`` (not on the run's seed or the batch size), so every run and
+    checkpoint evaluated with the same settings is judged on the same tasks. The headline metric
+    is the one after ``steps`` inner steps; ``per_step`` holds the means after 0..steps steps.
+    """
+    bar = progress.add_task(f"{split}", total=episodes, stats="") if progress is not None else None
+    per_task = []
+    for episode in data.fixed_episodes(split, episodes, batch_size, seed):
+        per_task.append(algo.evaluate(episode, steps).cpu())
+        if bar is not None:
+            progress.advance(bar, episode.num_tasks)
+    if bar is not None:
+        progress.remove_task(bar)
+    per_task = torch.cat(per_task)  # (episodes, steps + 1)
+    per_step = [mean_ci95(per_task[:, i]) for i in range(per_task.shape[1])]
+    mean, ci95 = per_step[-1]
+    return {
+        algo.metric: mean,
+        "ci95": ci95,
+        "episodes": episodes,
+        "inner_steps": steps,
+        "per_step": [m for m, _ in per_step],
+        "per_step_ci95": [c for _, c in per_step],
+    }

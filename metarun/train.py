@@ -1,0 +1,200 @@
+"""``metarun train``: meta-train, validate every ``train.val_every`` iterations, meta-test the best.
+
+One loop, read top to bottom. Everything the run writes goes under its Hydra run directory:
+``checkpoints/{last,best}.pt``, ``tb/`` (TensorBoard), ``metrics.json``, ``config_tree.txt`` and
+Hydra's ``.hydra/`` and ``train.log``. Rerunning with the same ``hydra.run.dir`` resumes from
+``checkpoints/last.pt`` and ends with exactly the numbers of an uninterrupted run (on CPU).
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import rich
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metarun.config import conf_dir
+from metarun.errors import MetarunError
+from metarun.evaluation import meta_test
+from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
+from metarun.utils.display import print_config_tree, progress_bar, results_table
+from metarun.utils.logger import TensorBoardLogger
+from metarun.utils.runtime import build, resolve_device
+from metarun.utils.task import GracefulStop, run_task, write_json
+
+log = logging.getLogger("metarun")
+
+# Keys that may change between a run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = ("train.iterations", "train.val_every", "train.log_every", "test.", "device.", "algo.batching",
+                     "data.root", "data.cache_dir", "data.url", "data.download")
+
+
+def build_experiment(cfg: DictConfig):
+    """Device, task source and algorithm (with its freshly seeded network) from a composed config."""
+    device = resolve_device(cfg.device.name)
+    data = build(cfg.data)
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build(cfg.model)
+    except OmegaConfBaseException as e:
+        raise MetarunError(
+            f"model {cfg.model._target_} does not fit data {cfg.data._target_} ({str(e).splitlines()[0]}): "
+            f"choose the model made for this data (model=conv4 for images, model=mlp for sinusoid)"
+        ) from None
+    algo = build(cfg.algo, model=model, task=data.task)
+    return device, data.to(device), algo.to(device)
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """Resolved config as ``{"group.key": value}``, the form TensorBoard's hparams and diffs want."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def check_resumable(saved: dict, cfg: DictConfig, path: Path) -> None:
+    now = flat_config(cfg)
+    for key, value in flat_config(OmegaConf.create(saved)).items():
+        if key.startswith(RESUMABLE_CHANGES) or now.get(key) == value:
+            continue
+        raise MetarunError(
+            f"{path} was written with {key}={value}, this run has {key}={now.get(key)}: "
+            f"resume with the same settings or start a new run directory"
+        )
+
+
+def check_settings(cfg: DictConfig) -> None:
+    for key in ("train.meta_batch_size", "train.iterations", "train.val_every", "train.val_episodes",
+                "train.log_every", "test.episodes"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise MetarunError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.test.checkpoint not in ("best", "last"):
+        raise MetarunError(f"test.checkpoint must be best or last, got '{cfg.test.checkpoint}'")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> float:
+    check_settings(cfg)
+    device, data, algo = build_experiment(cfg)
+    better = (lambda a, b: a > b) if algo.metric == "accuracy" else (lambda a, b: a < b)
+    optimizer = torch.optim.Adam(algo.parameters(), lr=cfg.train.meta_lr)
+    tasks_rng = torch.Generator().manual_seed(cfg.seed)  # the training task stream; saved in checkpoints
+    ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
+    iteration, best, history, seconds = 0, None, [], 0.0
+
+    if (ckpt_dir / "last.pt").exists():
+        state = load_checkpoint(ckpt_dir / "last.pt")
+        check_resumable(state["config"], cfg, ckpt_dir / "last.pt")
+        algo.load_state_dict(state["algo"])
+        optimizer.load_state_dict(state["optimizer"])
+        tasks_rng.set_state(state["rng"]["tasks"])
+        torch.set_rng_state(state["rng"]["torch"])
+        iteration, best, history, seconds = state["iteration"], state["best"], state["history"], state["seconds"]
+        log.info(f"resuming from {ckpt_dir / 'last.pt'} at iteration {iteration}")
+
+    def checkpoint(name: str) -> None:
+        save_checkpoint(ckpt_dir / name, {
+            "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
+            "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state()},
+        })
+
+    print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
+    log.info(f"run directory: {run_dir}  device: {device}  batching: "
+             f"{'vmap' if getattr(algo, 'uses_vmap', lambda d: False)(device) else 'loop'}  "
+             + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))
+    logger = TensorBoardLogger(tb_dir, purge_step=iteration or None)
+    total, metric = cfg.train.iterations, algo.metric
+    try:
+        with GracefulStop() as stop, progress_bar() as progress:
+            bar = progress.add_task("meta-train", total=total, completed=iteration, stats="")
+            tic, tic_iteration = time.perf_counter(), iteration
+            while iteration < total:
+                episode = data.sample("train", cfg.train.meta_batch_size, tasks_rng)
+                loss, metrics = algo.meta_loss(episode)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(algo.parameters(), float("inf"))
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    raise MetarunError(
+                        f"the meta-loss became {loss.item():.4g} (gradient norm {grad_norm.item():.4g}) at iteration "
+                        f"{iteration + 1}: training stopped, checkpoints/last.pt keeps the last good state; "
+                        f"lower train.meta_lr or algo.inner_lr"
+                    )
+                optimizer.step()
+                iteration += 1
+
+                speed = (iteration - tic_iteration) / max(time.perf_counter() - tic, 1e-9)
+                progress.update(bar, advance=1, stats=f"loss {metrics['loss']:.4f}  {metric} {metrics[metric]:.3f}  {speed:.2f} it/s")
+                if iteration % cfg.train.log_every == 0:
+                    logger.log_scalars({"train/loss": metrics["loss"].item(), f"train/{metric}": metrics[metric].item(),
+                                        "train/grad_norm": grad_norm.item()}, iteration)
+
+                if iteration % cfg.train.val_every == 0 or iteration == total:
+                    seconds += time.perf_counter() - tic
+                    val = meta_test(algo, data, "val", cfg.train.val_episodes, cfg.train.meta_batch_size,
+                                    algo.eval_inner_steps, cfg.test.eval_seed, progress)
+                    history.append({"iteration": iteration, metric: val[metric], "ci95": val["ci95"]})
+                    logger.log_scalars({f"val/{metric}": val[metric], f"val/{metric}_step0": val["per_step"][0]}, iteration)
+                    log.info(f"iteration {iteration}: val {metric} {val[metric]:.4f} ± {val['ci95']:.4f}")
+                    if best is None or better(val[metric], best[metric]):
+                        best = {**val, "iteration": iteration}
+                        checkpoint("best.pt")
+                    checkpoint("last.pt")
+                    logger.flush()
+                    tic, tic_iteration = time.perf_counter(), iteration
+                if stop.requested and iteration < total:
+                    seconds += time.perf_counter() - tic
+                    checkpoint("last.pt")
+                    log.warning(f"stopped at iteration {iteration}; resume with: metarun train hydra.run.dir={run_dir}")
+                    raise KeyboardInterrupt
+
+        # Meta-test the chosen checkpoint on the fixed test tasks.
+        chosen = load_checkpoint(ckpt_dir / f"{cfg.test.checkpoint}.pt")
+        algo.load_state_dict(chosen["algo"])
+        with progress_bar() as progress:
+            test = meta_test(algo, data, "test", cfg.test.episodes, cfg.train.meta_batch_size,
+                             algo.eval_inner_steps, cfg.test.eval_seed, progress)
+        test["checkpoint"] = f"{cfg.test.checkpoint} (iteration {chosen['iteration']})"
+        logger.log_scalars({f"test/{metric}": test[metric], f"test/{metric}_ci95": test["ci95"]}, iteration)
+        for step, value in enumerate(test["per_step"]):
+            logger.log_scalars({f"test/{metric}_by_inner_step": value}, step)
+        logger.log_hparams(
+            {k: v for k, v in flat_config(cfg).items() if not k.startswith(("data.root", "data.cache_dir", "data.url"))},
+            {f"hparams/test_{metric}": test[metric], f"hparams/val_{metric}": best[metric]},
+        )
+    finally:
+        logger.close()
+
+    results = {
+        "task": algo.task, "metric": metric,
+        "test": test, "val": {**best, "history": history},
+        "iterations": iteration, "seconds": round(seconds, 3),
+        "protocol": {
+            "split": cfg.data.get("split"), "ways": cfg.data.get("ways"), "shots": cfg.data.shots,
+            "queries": cfg.data.queries, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
+            "checkpoint": cfg.test.checkpoint, "batch_norm": "batch statistics at train and test (transductive)",
+            "eval_seed": cfg.test.eval_seed,
+        },
+    }
+    write_json(run_dir / "metrics.json", results)
+    rich.print(results_table(f"{algo.__class__.__name__}: {run_dir}", metric, test, best))
+    return best[metric]
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Returns the best validation metric, so sweepers (Optuna) can optimise it."""
+    return run_task(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train.log")

@@ -1,0 +1,33 @@
+"""Device choice, seeding and object construction from ``_target_`` configs."""
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metarun.errors import MetarunError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MetarunError(f"unknown device '{name}': use device=auto, device=cpu or device=cuda (device.name=cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MetarunError("device=cuda was asked for but CUDA is not available here: use device=auto or device=cpu")
+    return device
+
+
+def build(cfg: DictConfig, **kwargs):
+    """The one place that turns a ``_target_`` config into an object (Hydra 1.4 wants a target allow-list)."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, MetarunError):
+            raise cause from None
+        message = str(cause if cause is not None else e).strip().splitlines()
+        raise MetarunError(f"could not build {cfg.get('_target_')}: {message[-1] if message else e}") from None

@@ -1,0 +1,79 @@
+"""The wrapper around every task: record failures in the job's log, always release resources."""
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+
+from metarun.errors import MetarunError
+
+log = logging.getLogger("metarun")
+
+
+def run_task(fn, cfg, run_dir: Path, log_name: str):
+    """Run ``fn(cfg, run_dir)``; a failure is written to the job's log before it propagates.
+
+    Under a multirun the launcher records the exception and goes on with the next job, so one
+    failed job does not stop a sweep; the CLI prints the error as one line at the end.
+    """
+    try:
+        return fn(cfg, run_dir)
+    except BaseException as e:
+        with open(run_dir / log_name, "a") as f:
+            if isinstance(e, MetarunError):
+                f.write(f"error: {e}\n")
+            elif isinstance(e, KeyboardInterrupt):
+                f.write("interrupted\n")
+            else:
+                f.write("".join(traceback.format_exception(e)))
+        raise
+
+
+def umask_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (mkstemp's own is 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, umask_mode())
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class GracefulStop:
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current iteration.
+
+    The loop checks ``requested`` between iterations, saves a checkpoint, then stops; a second
+    Ctrl-C aborts at once (the last checkpoint stays intact: saves are atomic).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this iteration and saving a checkpoint (Ctrl-C again to abort now)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

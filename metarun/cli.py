@@ -33,29 +33,43 @@ examples:
 """
 
 
-def describe(error: BaseException) -> str:
+def describe(error: BaseException, task: str) -> str:
     """One line for a user error: Hydra's and OmegaConf's multi-line messages folded."""
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+    cause = error.__cause__
     if isinstance(error, MissingConfigException) and error.options is not None:
         group = (error.missing_cfg_file or "").rsplit("/", 1)[0]
-        first = str(error).splitlines()[0].replace("In 'train': ", "").replace("In 'eval': ", "")
+        first = str(error).splitlines()[0].split(": ", 1)[-1]
         return f"{first}: choose {group} from {', '.join(sorted(error.options))}"
-    parts = [str(error)]
-    cause = error.__cause__
-    if isinstance(cause, OmegaConfBaseException):
-        parts.append(str(cause))
-    lines = []
-    for part in parts:
-        for line in part.splitlines():
-            line = line.strip()
-            if not line or line.startswith(("Config search path", "provider=", "object_type=", "reference_type=")):
-                continue
-            if line.startswith("full_key:") and any("full_key" in x for x in lines):
-                continue
-            lines.append(line)
-    return " ".join(lines) or type(error).__name__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+        return f"unknown key '{cause.full_key}': check its spelling ('metarun {task} --cfg job' lists every key)"
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+    parts = [str(error)] + ([str(cause)] if isinstance(cause, OmegaConfBaseException) else [])
+    lines = [line.strip() for part in parts for line in part.splitlines()]
+    skip = ("Config search path", "provider=", "object_type=", "reference_type=")
+    return " ".join(line for line in lines if line and not line.startswith(skip)) or type(error).__name__
+
+
+class FailedJobs:
+    """Stands in for stderr during a Hydra call: takes Hydra's 'Error executing job with overrides'
+    line, which would make a second line, and remembers which job failed."""
+
+    PREFIX = "Error executing job with overrides: "
+
+    def __init__(self, stream):
+        self.stream, self.overrides = stream, []
+
+    def write(self, text):
+        if text.startswith(self.PREFIX):
+            self.overrides.append(text[len(self.PREFIX):].strip())
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"metarun-{task}", *argv[1:]]
     from metarun.errors import MetarunError
 
+    stderr = sys.stderr = FailedJobs(sys.stderr)
     try:
         importlib.import_module(TASKS[task][0]).main()
     except KeyboardInterrupt:
@@ -88,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        if debug:
-            traceback.print_exc()
-        elif isinstance(e, (MetarunError, HydraException, OmegaConfBaseException)):
-            print(f"metarun: error: {describe(e)}", file=sys.stderr)
-        else:  # a bug, not bad input: keep the traceback for the report
-            traceback.print_exc()
-        return getattr(e, "exit_code", 1)
+        if debug or not isinstance(e, (MetarunError, HydraException, OmegaConfBaseException)):
+            traceback.print_exc()  # a bug, not bad input: keep the traceback for the report
+            return 1
+        multirun = {"-m", "--multirun"} & set(argv) and stderr.overrides
+        job = f"job {stderr.overrides[0]} failed (the other jobs ran): " if multirun else ""
+        print(f"metarun: error: {job}{describe(e, task)}", file=sys.stderr)
+        return 2
+    finally:
+        sys.stderr = stderr.stream
     return 0
 
 

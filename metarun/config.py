@@ -2,7 +2,8 @@
 
 The YAML files in ``conf/`` hold the values; these dataclasses hold the types, so a wrong type
 (``data.shots=abc``) or an unknown key (``data.shot=1``) is rejected when Hydra composes the
-config. Each group file starts from its schema: ``defaults: [/schema/<group>/<name>@_here_, _self_]``.
+config. Each group file starts from its schema: ``defaults: [/schema_<group>_<name>@_here_, _self_]``
+(stored without a group, so ``--help`` lists only the real options).
 """
 
 import os
@@ -159,7 +160,7 @@ def register_schemas() -> None:
         ("algo", "maml", MAMLConfig),
         ("device", "device", DeviceConfig),
     ]:
-        cs.store(group=f"schema/{group}", name=name, node=node)
+        cs.store(name=f"schema_{group}_{name}", node=node)
 
 
 register_schemas()

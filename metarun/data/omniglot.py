@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from metarun.data.omniglot_files import load_omniglot
+from metarun.data.omniglot_files import OFFICIAL_URL, load_omniglot
 from metarun.data.sampler import ClassTaskSampler
 from metarun.data.tasks import SPLITS, TaskSource
 from metarun.errors import DataError
@@ -41,7 +41,7 @@ def omniglot_splits(name: str, alphabets: list[str], background: torch.Tensor) -
 class OmniglotTasks(TaskSource):
     task = "classification"
 
-    def __init__(self, ways, shots, queries, split, root, cache_dir=None, url=None, download=True, channels=1, image_size=28):
+    def __init__(self, ways, shots, queries, split, root, cache_dir=None, url=OFFICIAL_URL, download=True, channels=1, image_size=28):
         if split not in SPLIT_NAMES:
             raise DataError(f"unknown Omniglot split '{split}': set data.split to one of {', '.join(SPLIT_NAMES)}")
         if min(ways, shots, queries) < 1:

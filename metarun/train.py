@@ -24,7 +24,7 @@ from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
 from metarun.utils.display import print_config_tree, progress_bar, results_table
 from metarun.utils.logger import TensorBoardLogger
 from metarun.utils.runtime import build, resolve_device
-from metarun.utils.task import GracefulStop, run_task, write_json
+from metarun.utils.task import GracefulStop, hydra_record, run_task, write_json
 
 log = logging.getLogger("metarun")
 
@@ -86,12 +86,14 @@ def check_settings(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
     check_settings(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     device, data, algo = build_experiment(cfg)
     better = (lambda a, b: a > b) if algo.metric == "accuracy" else (lambda a, b: a < b)
     optimizer = torch.optim.Adam(algo.parameters(), lr=cfg.train.meta_lr)
     tasks_rng = torch.Generator().manual_seed(cfg.seed)  # the training task stream; saved in checkpoints
     ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
     iteration, best, history, seconds = 0, None, [], 0.0
+    record = hydra_record(run_dir)
 
     if (ckpt_dir / "last.pt").exists():
         state = load_checkpoint(ckpt_dir / "last.pt")
@@ -107,7 +109,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         save_checkpoint(ckpt_dir / name, {
             "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
             "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": OmegaConf.to_container(cfg, resolve=True), "hydra": record,
             "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state()},
         })
 
@@ -138,7 +140,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
                 speed = (iteration - tic_iteration) / max(time.perf_counter() - tic, 1e-9)
                 progress.update(bar, advance=1, stats=f"loss {metrics['loss']:.4f}  {metric} {metrics[metric]:.3f}  {speed:.2f} it/s")
-                if iteration % cfg.train.log_every == 0:
+                if iteration % cfg.train.log_every == 0 or iteration == total:
                     logger.log_scalars({"train/loss": metrics["loss"].item(), f"train/{metric}": metrics[metric].item(),
                                         "train/grad_norm": grad_norm.item()}, iteration)
 

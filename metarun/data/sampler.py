@@ -42,9 +42,9 @@ class ClassTaskSampler:
         t, n, s = x.shape[0], self.ways, self.shots
         labels = torch.arange(n, device=x.device)
         return Episode(
-            support_x=x[:, :, :s].reshape(t, n * s, *x.shape[3:]),
+            support_x=x[:, :, :s].reshape(t, n * s, *x.shape[3:]).contiguous(),
             support_y=labels.repeat_interleave(s).expand(t, -1),
-            query_x=x[:, :, s:].reshape(t, n * self.queries, *x.shape[3:]),
+            query_x=x[:, :, s:].reshape(t, n * self.queries, *x.shape[3:]).contiguous(),
             query_y=labels.repeat_interleave(self.queries).expand(t, -1),
             ways=n,
             shots=s,

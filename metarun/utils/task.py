@@ -14,6 +14,27 @@ from metarun.errors import MetarunError
 log = logging.getLogger("metarun")
 
 
+def hydra_record(run_dir: Path) -> dict[str, str]:
+    """The ``.hydra/*.yaml`` files Hydra wrote for this attempt, to be stored in checkpoints."""
+    return {f.name: f.read_text() for f in sorted((run_dir / ".hydra").glob("*.yaml"))}
+
+
+def restore_hydra_record(run_dir: Path) -> None:
+    """Hydra rewrites ``.hydra/`` before a task starts; after a failed attempt, put back the record
+    that matches ``checkpoints/last.pt``, so bad input never changes what a run directory says."""
+    from metarun.utils.checkpoint import load_checkpoint
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return
+    try:
+        record = load_checkpoint(last).get("hydra", {})
+    except MetarunError:
+        return
+    for name, text in record.items():
+        (run_dir / ".hydra" / name).write_text(text)
+
+
 def run_task(fn, cfg, run_dir: Path, log_name: str):
     """Run ``fn(cfg, run_dir)``; a failure is written to the job's log before it propagates.
 
@@ -23,6 +44,8 @@ def run_task(fn, cfg, run_dir: Path, log_name: str):
     try:
         return fn(cfg, run_dir)
     except BaseException as e:
+        if isinstance(e, MetarunError):
+            restore_hydra_record(run_dir)
         with open(run_dir / log_name, "a") as f:
             if isinstance(e, MetarunError):
                 f.write(f"error: {e}\n")

@@ -1,0 +1,166 @@
+"""Tier 3, in process: what a run writes, exact resume, failures that keep the last good state."""
+
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from metarun.data.sinusoid import SinusoidTasks
+from metarun.errors import MetarunError
+from metarun.evaluate import evaluate
+from metarun.train import build_experiment, train
+from metarun.utils import checkpoint as checkpoint_module
+from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
+from support import TINY_OMNIGLOT, TINY_SINUSOID, compose_config, omniglot_location, read_metrics
+
+
+@pytest.fixture
+def omniglot_overrides(shared_data_root, omniglot_cache_dir):
+    return TINY_OMNIGLOT + omniglot_location(shared_data_root, omniglot_cache_dir)
+
+
+def run(run_dir, overrides):
+    return train(compose_config(overrides), run_dir)
+
+
+def without_timing(metrics):
+    return {k: v for k, v in metrics.items() if k != "seconds"}
+
+
+def test_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, omniglot_overrides):
+    best_val = run(tmp_path, omniglot_overrides)
+    metrics = read_metrics(tmp_path)
+    test = metrics["test"]
+    assert set(test) >= {"accuracy", "ci95", "episodes", "per_step"} and test["episodes"] == 6
+    assert len(test["per_step"]) == 3 and 0 <= test["accuracy"] <= 1 and test["ci95"] >= 0
+    assert metrics["iterations"] == 4 and metrics["seconds"] > 0
+    assert metrics["val"]["accuracy"] == best_val and [h["iteration"] for h in metrics["val"]["history"]] == [2, 4]
+    assert metrics["protocol"]["split"] == "maml" and "transductive" in metrics["protocol"]["batch_norm"]
+
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(tmp_path / "checkpoints" / name)
+        assert {"algo", "optimizer", "iteration", "best", "config", "rng", "history"} <= set(state)
+        assert state["config"]["data"]["ways"] == 3 and state["metric"] == "accuracy"
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 4
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "val/accuracy", "test/accuracy", "test/accuracy_by_inner_step"} <= tags
+    assert [e.step for e in events.Scalars("val/accuracy")] == [2, 4]
+    assert events.Scalars("test/accuracy")[0].value == pytest.approx(test["accuracy"], abs=1e-6)
+    hparams = EventAccumulator(str(tmp_path / "tb")).Reload().PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams and b"algo.inner_lr" in hparams["_hparams_/session_start_info"]
+
+
+@pytest.mark.parametrize("kind", ["omniglot", "sinusoid"])
+def test_resumed_run_ends_with_the_numbers_of_an_uninterrupted_one(tmp_path, omniglot_overrides, kind):
+    base = omniglot_overrides if kind == "omniglot" else TINY_SINUSOID
+    base = base + ["train.iterations=6", "train.val_every=2"]
+    run(tmp_path / "whole", base)
+    # The first attempt stops at iteration 2 (its last.pt), the second continues in the same directory.
+    run(tmp_path / "resumed", base[:-2] + ["train.iterations=2", "train.val_every=2"])
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["iteration"] == 2
+    run(tmp_path / "resumed", base)
+    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(tmp_path / "whole"))
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["algo"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["algo"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_experiment(tmp_path):
+    run(tmp_path, TINY_SINUSOID)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(MetarunError, match=r"algo.inner_lr=0.01, this run has algo.inner_lr=0.5"):
+        run(tmp_path, TINY_SINUSOID + ["algo.inner_lr=0.5"])
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"train": 0}
+    original = SinusoidTasks.materialize
+
+    def poisoned(self, split, drawn):
+        episode = original(self, split, drawn)
+        if split == "train":
+            calls["train"] += 1
+            if calls["train"] == 5:  # after the checkpoint at iteration 3
+                episode.query_y[:] = math.nan
+        return episode
+
+    monkeypatch.setattr(SinusoidTasks, "materialize", poisoned)
+    with pytest.raises(MetarunError, match=r"meta-loss became nan .* at iteration 5: training stopped, .*last.pt keeps"):
+        run(tmp_path, TINY_SINUSOID)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 3 and all(torch.isfinite(v).all() for v in state["algo"].values())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_eval_reproduces_the_test_numbers_of_the_run(tmp_path, omniglot_overrides, shared_data_root, omniglot_cache_dir):
+    run(tmp_path / "run", omniglot_overrides)
+    cfg = compose_config([f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "test.episodes=6", "batch_size=4",
+                          f"data.root={shared_data_root}", f"data.cache_dir={omniglot_cache_dir}", "data.download=false"],
+                         name="eval")
+    (tmp_path / "eval").mkdir()
+    evaluate(cfg, tmp_path / "eval")
+    got, want = read_metrics(tmp_path / "eval")["test"], read_metrics(tmp_path / "run")["test"]
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+    assert got["per_step"] == pytest.approx(want["per_step"], abs=1e-6)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content is not None:
+        path.write_bytes(content)
+    cfg = compose_config([f"ckpt={path}"], name="eval")
+    with pytest.raises(MetarunError) as error:
+        evaluate(cfg, tmp_path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_corrupt_last_checkpoint_is_reported_not_overwritten(tmp_path):
+    run(tmp_path, TINY_SINUSOID)
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(MetarunError, match="is unreadable"):
+        run(tmp_path, TINY_SINUSOID)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == b"garbage"
+
+
+def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"iteration": 1})
+
+    def dying_save(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt  # killed during the write
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"iteration": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_loop_and_vmap_paths_agree_on_real_episodes(omniglot_overrides):
+    # Exact equality is proven in float64 (test_maml_gradients); this checks the real config in float32.
+    _, data, algo = build_experiment(compose_config(omniglot_overrides + ["model.hidden=16"]))
+    episode = data.sample("train", 4, torch.Generator().manual_seed(0))
+    grads = {}
+    for batching in ("loop", "vmap"):
+        algo.batching = batching
+        loss, _ = algo.meta_loss(episode)
+        grads[batching] = torch.autograd.grad(loss, list(algo.parameters()))
+    flat = {k: torch.cat([g.flatten() for g in v]) for k, v in grads.items()}
+    assert (flat["loop"] - flat["vmap"]).norm() / flat["loop"].norm() < 1e-5
+    evaluation = {}
+    for batching in ("loop", "vmap"):
+        algo.batching = batching
+        evaluation[batching] = algo.evaluate(episode, steps=3)
+    torch.testing.assert_close(evaluation["loop"], evaluation["vmap"])
+
+
+def test_device_auto_picks_the_loop_on_cpu(omniglot_overrides):
+    device, _, algo = build_experiment(compose_config(omniglot_overrides))
+    assert algo.uses_vmap(device) == (device.type == "cuda")

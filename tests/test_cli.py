@@ -1,0 +1,171 @@
+"""Tier 3 through the real command line, in subprocesses: what a user types and sees."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from metarun.utils.checkpoint import load_checkpoint
+from support import TINY_OMNIGLOT, TINY_SINUSOID, omniglot_location, read_metrics
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metarun(*args, cwd, timeout=300, python=sys.executable):
+    return subprocess.run([python, "-m", "metarun", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("metarun: error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".log"}
+
+
+def test_help_and_hydra_flags(tmp_path):
+    for args in (["--help"], []):
+        result = metarun(*args, cwd=tmp_path)
+        assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
+    console = subprocess.run(["metarun", "--help"], capture_output=True, text=True)
+    assert console.returncode == 0 and "metarun train algo=maml data=omniglot" in console.stdout
+    result = metarun("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "algo: fomaml, maml" in result.stdout and "schema" not in result.stdout
+    result = metarun("train", "--cfg", "job", "data=sinusoid", "model=mlp", cwd=tmp_path)
+    assert result.returncode == 0 and "metarun.data.sinusoid.SinusoidTasks" in result.stdout
+    assert metarun("train", "--info", cwd=tmp_path).returncode == 0
+    assert_one_line_error(metarun("trian", cwd=tmp_path), "unknown task 'trian'")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, shared_data_root, omniglot_cache_dir):
+    run_dir = tmp_path / "run"
+    assert metarun("train", *TINY_SINUSOID, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    before = snapshot(run_dir)
+    for override, words in [
+        ("algo=nope", ["algo/nope", "fomaml, maml"]),
+        ("data.shots=abc", ["data.shots"]),
+        ("data.shotz=1", ["unknown key 'data.shotz'"]),
+        ("algo.inner_lr=0.5", ["resume with the same settings"]),
+        ("model=conv4", ["model=mlp for sinusoid"]),
+    ]:
+        assert_one_line_error(metarun("train", *TINY_SINUSOID, override, f"hydra.run.dir={run_dir}", cwd=tmp_path), *words)
+        assert snapshot(run_dir) == before, override
+
+    omniglot = omniglot_location(shared_data_root, omniglot_cache_dir)
+    for overrides, words in [
+        (["data.ways=200"], ["data.ways=200", "use at most 100 ways"]),
+        (["data.shots=15", "data.queries=10"], ["exceeds the 20 images per Omniglot class"]),
+        ([f"data.root={tmp_path / 'empty'}", "data.download=true", "data.url=http://127.0.0.1:9"], ["download of", "failed"]),
+    ]:
+        result = metarun("train", *TINY_OMNIGLOT, *omniglot, *overrides, f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
+        assert_one_line_error(result, *words)
+        assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_multirun_sweeps_into_named_job_directories(tmp_path, shared_data_root, omniglot_cache_dir):
+    sweep = tmp_path / "sweep"
+    result = metarun("train", "-m", "algo.inner_lr=0.1,0.4", "data.shots=1,5", *TINY_OMNIGLOT,
+                     *omniglot_location(shared_data_root, omniglot_cache_dir), f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert len(jobs) == 4
+    names = [job.name.split(",") for job in jobs]  # Hydra sorts the overrides in the name
+    assert [n[0].split("_")[0] for n in names] == ["0", "1", "2", "3"]
+    assert [(("algo.inner_lr=0.1" in n[0] + "," + ",".join(n)), "data.shots=1" in n) for n in names] == [
+        (True, True), (True, False), (False, True), (False, False)]
+    for job in jobs:
+        assert read_metrics(job)["test"]["episodes"] == 6
+        assert list((job / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, shared_data_root, omniglot_cache_dir):
+    sweep = tmp_path / "sweep"
+    result = metarun("train", "-m", "data.shots=30,1", *TINY_OMNIGLOT,
+                     *omniglot_location(shared_data_root, omniglot_cache_dir), f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert_one_line_error(result, "data.shots=30", "failed", "exceeds the 20 images")
+    failed, ok = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert not (failed / "metrics.json").exists() and read_metrics(ok)["iterations"] == 4
+    assert "exceeds the 20 images" in (failed / "train.log").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, sig):
+    settings = TINY_SINUSOID + ["train.iterations=400", "train.val_every=25"]
+    whole = metarun("train", *settings, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "metarun", "train", *settings, f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.pt").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"]
+    assert 0 < stopped_at < 400, "the run finished before it was stopped: raise train.iterations"
+    if sig == signal.SIGINT:
+        assert process.returncode == 130 and "interrupted" in process.stderr.read()
+    resumed = metarun("train", *settings, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    got, want = read_metrics(run_dir), read_metrics(tmp_path / "whole")
+    got.pop("seconds"), want.pop("seconds")
+    assert got == want
+
+
+def test_checkpoint_survives_kill_during_saves(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch
+        from metarun.utils.checkpoint import save_checkpoint
+        i = 0
+        while True:
+            i += 1
+            save_checkpoint({str(tmp_path / 'last.pt')!r}, {{"iteration": i, "w": torch.randn(1_000_000)}})
+            print(i, flush=True)
+    """)
+    for attempt in range(5):
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        process.stdout.readline()  # one save done
+        time.sleep(0.05 + 0.07 * attempt)
+        process.kill()
+        process.wait()
+        assert load_checkpoint(tmp_path / "last.pt")["w"].shape == (1_000_000,)
+
+
+def test_regular_install_runs_from_another_directory(tmp_path):
+    # Build from a copy (an in-tree build would write into the repo), install the wheel into a fresh venv.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info", "__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheels"), str(source)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    wheel = next((tmp_path / "wheels").glob("metarun-*.whl"))
+    install = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
+                             capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    where = subprocess.run([venv / "bin" / "python", "-c", "import metarun; print(metarun.__file__)"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert str(venv) in where.stdout
+    result = subprocess.run([venv / "bin" / "metarun", "train", "--cfg", "job", "algo=fomaml"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "first_order: true" in result.stdout, result.stderr
+    result = subprocess.run([venv / "bin" / "python", "-m", "metarun", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "eval" in result.stdout

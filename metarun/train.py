@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
+from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
 from metarun.utils.display import print_config_tree, progress_bar, results_table
 from metarun.utils.logger import TensorBoardLogger
@@ -102,6 +103,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         optimizer.load_state_dict(state["optimizer"])
         tasks_rng.set_state(state["rng"]["tasks"])
         torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         iteration, best, history, seconds = state["iteration"], state["best"], state["history"], state["seconds"]
         log.info(f"resuming from {ckpt_dir / 'last.pt'} at iteration {iteration}")
 
@@ -110,12 +113,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
             "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
             "config": OmegaConf.to_container(cfg, resolve=True), "hydra": record,
-            "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {})},
         })
 
     print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
-    log.info(f"run directory: {run_dir}  device: {device}  batching: "
-             f"{'vmap' if getattr(algo, 'uses_vmap', lambda d: False)(device) else 'loop'}  "
+    log.info(f"run directory: {run_dir}  device: {device}  batching: {'vmap' if algo.uses_vmap(device) else 'loop'}  "
              + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))
     logger = TensorBoardLogger(tb_dir, purge_step=iteration or None)
     total, metric = cfg.train.iterations, algo.metric
@@ -130,16 +133,19 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(algo.parameters(), float("inf"))
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    kept = ("checkpoints/last.pt keeps the last good state" if (ckpt_dir / "last.pt").exists()
+                            else "no checkpoint had been written yet")
                     raise MetarunError(
                         f"the meta-loss became {loss.item():.4g} (gradient norm {grad_norm.item():.4g}) at iteration "
-                        f"{iteration + 1}: training stopped, checkpoints/last.pt keeps the last good state; "
-                        f"lower train.meta_lr or algo.inner_lr"
+                        f"{iteration + 1}: training stopped, {kept}; lower train.meta_lr or algo.inner_lr"
                     )
                 optimizer.step()
                 iteration += 1
 
                 speed = (iteration - tic_iteration) / max(time.perf_counter() - tic, 1e-9)
                 progress.update(bar, advance=1, stats=f"loss {metrics['loss']:.4f}  {metric} {metrics[metric]:.3f}  {speed:.2f} it/s")
+                if not progress.console.is_terminal and iteration % max(1, total // 20) == 0:
+                    log.info(f"iteration {iteration}/{total}: {progress.tasks[bar].fields['stats']}")  # logs, no live bar
                 if iteration % cfg.train.log_every == 0 or iteration == total:
                     logger.log_scalars({"train/loss": metrics["loss"].item(), f"train/{metric}": metrics[metric].item(),
                                         "train/grad_norm": grad_norm.item()}, iteration)
@@ -187,7 +193,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "protocol": {
             "split": cfg.data.get("split"), "ways": cfg.data.get("ways"), "shots": cfg.data.shots,
             "queries": cfg.data.queries, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
-            "checkpoint": cfg.test.checkpoint, "batch_norm": "batch statistics at train and test (transductive)",
+            "checkpoint": cfg.test.checkpoint, "batch_norm": batch_norm_mode(algo.model),
             "eval_seed": cfg.test.eval_seed,
         },
     }

@@ -124,3 +124,17 @@ def test_evaluate_paths_agree_and_adaptation_helps():
     torch.testing.assert_close(loop, vmapped)
     assert loop[:, -1].mean() > loop[:, 0].mean()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batching", ["loop", "vmap", "auto"])
+def test_cuda_meta_gradient_matches_cpu_reference(batching):
+    torch.manual_seed(0)
+    model = Conv4(out_features=WAYS, hidden=4).double()
+    episode = image_episode()
+    want = reference_meta_grad(
+        dict(model.named_parameters()), conv4_reference_forward, F.cross_entropy, episode, 0.4, 2, False
+    )
+    algo = MAML(model.cuda(), "classification", inner_lr=0.4, inner_steps=2, batching=batching)
+    got = [g.cpu() for g in algo_meta_grad(algo, episode.to("cuda"))]
+    assert relative_error(got, want) < 1e-9

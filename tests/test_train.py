@@ -37,6 +37,7 @@ def test_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, omniglot_overr
     assert metrics["iterations"] == 4 and metrics["seconds"] > 0
     assert metrics["val"]["accuracy"] == best_val and [h["iteration"] for h in metrics["val"]["history"]] == [2, 4]
     assert metrics["protocol"]["split"] == "maml" and "transductive" in metrics["protocol"]["batch_norm"]
+    assert metrics["protocol"]["test_episodes"] == 6 and metrics["protocol"]["eval_inner_steps"] == 2
 
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(tmp_path / "checkpoints" / name)

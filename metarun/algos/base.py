@@ -47,6 +47,10 @@ class MetaAlgorithm(nn.Module):
     def metric(self) -> str:
         return metric_name(self.task)
 
+    def uses_vmap(self, device: torch.device) -> bool:
+        """Whether tasks run vectorised with torch.func.vmap on ``device`` (else one after another)."""
+        return False
+
     def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean query loss over the episode's tasks after adaptation, and detached metrics."""
         raise NotImplementedError

@@ -9,17 +9,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import DownloadColumn, TransferSpeedColumn
 
 from metarun.errors import DataError
+from metarun.utils.display import transient_progress
 
 _CHUNK = 1 << 16
 # Enough of the body to recognise an HTML page, even after a BOM or leading whitespace.
@@ -61,20 +54,8 @@ def _looks_like_html(head: bytes) -> bool:
     return start.startswith(b"<!doctype") or start.startswith(b"<html")
 
 
-def _progress() -> Progress:
-    # stderr keeps stdout clean for results; transient so the bar vanishes when done;
-    # off when stderr is not a terminal, where rich would leave blank lines in logs.
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
+def _progress():
+    return transient_progress(DownloadColumn(), TransferSpeedColumn())
 
 
 def download_file(

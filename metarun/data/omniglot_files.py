@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn
 
 from metarun.data.download import download_file
 from metarun.errors import DataError
+from metarun.utils.display import transient_progress
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 
@@ -288,16 +288,7 @@ def _decode_archives(paths: dict[str, Path]) -> OmniglotImages:
         alphabets: list[str] = []
         characters: list[str] = []
         background: list[bool] = []
-        console = Console(stderr=True)  # off in logs, as for downloads: see download._progress
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        )
+        progress = transient_progress(MofNCompleteColumn())
         with progress:
             task = progress.add_task("decoding Omniglot", total=n_characters * IMAGES_PER_CHARACTER)
             for name, zf, layout in layouts:

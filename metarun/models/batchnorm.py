@@ -27,3 +27,12 @@ class BatchStatNorm(nn.Module):
         shape = [1, -1] + [1] * (x.dim() - 2)
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)
         return x_hat * self.weight.view(shape) + self.bias.view(shape)
+
+
+def batch_norm_mode(model: nn.Module) -> str:
+    """How a network normalises, for the record in metrics.json."""
+    if any(isinstance(m, BatchStatNorm) for m in model.modules()):
+        return "batch statistics at meta-train and meta-test (transductive)"
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "torch.nn batch norm (mode follows train()/eval())"
+    return "none"

@@ -6,6 +6,7 @@ import rich
 import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -38,6 +39,16 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=rich.get_console(),
     )
+
+
+def transient_progress(*columns) -> Progress:
+    """A bar for one-off work (downloads, decoding) on stderr that vanishes when done.
+
+    Off when stderr is not a terminal, where rich would leave blank lines in logs.
+    """
+    console = Console(stderr=True)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), *columns, TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
 
 
 def results_table(title: str, metric: str, test: dict, val: dict | None) -> Table:

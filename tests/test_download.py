@@ -107,14 +107,31 @@ def test_good_download_is_verified_and_in_place(server: LoopbackServer, tmp_path
     assert sorted(p.name for p in dest.parent.iterdir()) == ["file.zip"]  # no .part left
 
 
+def part_files(folder: Path) -> list[Path]:
+    return list(folder.glob("*.part")) + list(folder.glob(".*.part"))
+
+
+def test_concurrent_downloads_use_separate_part_files(server: LoopbackServer, tmp_path: Path) -> None:
+    import threading
+
+    url = server.route("/c", reply(BODY))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(download_file(url, tmp_path / "c", md5=BODY_MD5)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and (tmp_path / "c").read_bytes() == BODY and not part_files(tmp_path)
+
+
 def test_good_download_replaces_old_file(server: LoopbackServer, tmp_path: Path) -> None:
     url = server.route("/f", reply(BODY))
     dest = tmp_path / "f"
     dest.write_bytes(b"old")
-    (tmp_path / "f.part").write_bytes(b"stale part from an interrupted run")
     download_file(url, dest, md5=BODY_MD5)
     assert dest.read_bytes() == BODY
-    assert not (tmp_path / "f.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
 FAILURES = {
@@ -146,7 +163,7 @@ def test_failed_download_leaves_dest_untouched(server: LoopbackServer, tmp_path:
     assert expected in message
     assert url in message
     assert dest.read_bytes() == b"previous content"
-    assert not (tmp_path / "archive.zip.part").exists()
+    assert not part_files(tmp_path)
 
 
 def test_refused_connection_says_where_to_place_the_file(tmp_path: Path) -> None:
@@ -161,7 +178,7 @@ def test_refused_connection_says_where_to_place_the_file(tmp_path: Path) -> None
     assert url in message
     assert f"place the file at {dest} manually" in message
     assert "network" in message
-    assert not dest.exists() and not (tmp_path / "images_background.zip.part").exists()
+    assert not dest.exists() and not part_files(tmp_path)
 
 
 @pytest.mark.parametrize("stall", ["before_headers", "mid_body"])
@@ -183,4 +200,4 @@ def test_timeout_is_a_data_error(server: LoopbackServer, tmp_path: Path, stall: 
         download_file(url, dest, timeout=0.3)
     message = assert_one_line(info.value)
     assert url in message and "network" in message
-    assert not dest.exists() and not (tmp_path / "slow.part").exists()
+    assert not dest.exists() and not part_files(tmp_path)

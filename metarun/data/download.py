@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -70,7 +71,10 @@ def download_file(
     """Download ``url`` to ``dest``, verified; ``dest`` is only replaced once every check passed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    # A unique temporary name: two runs downloading at once never write into each other's file.
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    part = Path(tmp)
     manual = f"place the file at {dest} manually, or set the data root to a folder that has it"
 
     def fail(problem: str, fix: str) -> DataError:

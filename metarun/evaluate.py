@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.config import conf_dir
+from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.train import build_experiment
 from metarun.utils.checkpoint import load_checkpoint
@@ -28,9 +29,9 @@ def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
     run = OmegaConf.create(saved)
     run.device = cfg.device
     run.test = cfg.test
-    run.data.root, run.data.cache_dir, run.data.download = cfg.data.root, cfg.data.cache_dir, cfg.data.download
-    if cfg.data.url is not None:
-        run.data.url = cfg.data.url
+    for key in ("root", "cache_dir", "download", "url"):  # only where the data has files (not sinusoid)
+        if key in run.data and not (key == "url" and cfg.data.url is None):
+            run.data[key] = cfg.data[key]
     for key in ("eval_inner_steps", "batching"):
         if cfg.algo[key] is not None:
             run.algo[key] = cfg.algo[key]
@@ -38,6 +39,9 @@ def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> float:
+    for key in ("batch_size", "test.episodes"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise MetarunError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)
     run = run_config(cfg, state["config"])

@@ -30,7 +30,9 @@ from metarun.utils.task import GracefulStop, hydra_record, run_task, write_json
 log = logging.getLogger("metarun")
 
 # Keys that may change between a run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = ("train.iterations", "train.val_every", "train.log_every", "test.", "device.", "algo.batching",
+# test.eval_seed is not among them: it fixes the validation tasks that choose the best checkpoint.
+RESUMABLE_CHANGES = ("train.iterations", "train.val_every", "train.log_every", "test.episodes", "test.checkpoint",
+                     "device.", "algo.batching",
                      "data.root", "data.cache_dir", "data.url", "data.download")
 
 
@@ -104,7 +106,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         tasks_rng.set_state(state["rng"]["tasks"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         iteration, best, history, seconds = state["iteration"], state["best"], state["history"], state["seconds"]
         log.info(f"resuming from {ckpt_dir / 'last.pt'} at iteration {iteration}")
 
@@ -114,13 +116,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
             "config": OmegaConf.to_container(cfg, resolve=True), "hydra": record,
             "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {})},
+                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
         })
 
     print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
     log.info(f"run directory: {run_dir}  device: {device}  batching: {'vmap' if algo.uses_vmap(device) else 'loop'}  "
              + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))
-    logger = TensorBoardLogger(tb_dir, purge_step=iteration or None)
+    # Hide what a stopped attempt logged after its checkpoint; what it logged up to it stays.
+    logger = TensorBoardLogger(tb_dir, purge_step=iteration + 1 if iteration else None)
     total, metric = cfg.train.iterations, algo.metric
     try:
         with GracefulStop() as stop, progress_bar() as progress:

@@ -16,7 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def shared_data_root() -> Path:
     """Read-only data root holding omniglot/*.zip: $METARUN_DATA_DIR, else <repo>/../shared/data."""
     env = os.environ.get("METARUN_DATA_DIR")
-    root = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    # Absolute, so subprocess tests running in other folders find it (the README uses ../shared/data).
+    root = (Path(env) if env else REPO_ROOT.parent / "shared" / "data").resolve()
     missing = [str(root / "omniglot" / spec.filename) for spec in ARCHIVES.values()
                if not (root / "omniglot" / spec.filename).is_file()]
     if missing:

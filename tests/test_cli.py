@@ -40,7 +40,7 @@ def test_help_and_hydra_flags(tmp_path):
     for args in (["--help"], []):
         result = metarun(*args, cwd=tmp_path)
         assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
-    console = subprocess.run(["metarun", "--help"], capture_output=True, text=True)
+    console = subprocess.run([Path(sys.executable).parent / "metarun", "--help"], capture_output=True, text=True)
     assert console.returncode == 0 and "metarun train algo=maml data=omniglot" in console.stdout
     result = metarun("train", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "algo: fomaml, maml" in result.stdout and "schema" not in result.stdout
@@ -169,3 +169,16 @@ def test_regular_install_runs_from_another_directory(tmp_path):
     assert result.returncode == 0 and "first_order: true" in result.stdout, result.stderr
     result = subprocess.run([venv / "bin" / "python", "-m", "metarun", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0 and "eval" in result.stdout
+
+
+def test_eval_through_the_cli(tmp_path):
+    run_dir = tmp_path / "run"
+    assert metarun("train", *TINY_SINUSOID, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    result = metarun("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "test.episodes=10",
+                     f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(tmp_path / "eval")["test"]["episodes"] == 10 and (tmp_path / "eval" / ".hydra").is_dir()
+    assert_one_line_error(metarun("eval", f"ckpt={tmp_path / 'missing.pt'}", f"hydra.run.dir={tmp_path / 'e2'}",
+                                  cwd=tmp_path), "does not exist")
+    assert_one_line_error(metarun("eval", "ckpt=x", "test.episodes=0", f"hydra.run.dir={tmp_path / 'e3'}",
+                                  cwd=tmp_path), "test.episodes must be at least 1")

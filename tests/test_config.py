@@ -62,6 +62,13 @@ def test_fomaml_only_changes_first_order():
     assert fomaml == maml
 
 
+def test_maxpool_variant_builds_from_config(shared_data_root, omniglot_cache_dir):
+    cfg = compose_config(["model.variant=maxpool"] + omniglot_location(shared_data_root, omniglot_cache_dir))
+    _, source, algo = build_experiment(cfg)
+    episode = source.sample("train", 1, torch.Generator().manual_seed(0))
+    assert algo.model(episode.support_x[0]).shape == (5, 5) and algo.model.head.in_features == 64
+
+
 def test_tiny_settings_compose(shared_data_root, omniglot_cache_dir):
     cfg = compose_config(TINY_OMNIGLOT + omniglot_location(shared_data_root, omniglot_cache_dir))
     assert cfg.model.out_features == 3  # interpolated from data.ways

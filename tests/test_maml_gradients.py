@@ -2,8 +2,8 @@
 
 The reference is written from scratch (F.conv2d, native F.batch_norm, a plain loop over tasks and
 ``torch.autograd.grad(create_graph=True)``); it shares nothing with metarun's inner loop or its
-batch norm, so a wrong meta-gradient on either path (the vmap + native BatchNorm trap of
-DEVELOPERS.md, a detached inner gradient, a mixed-up task) shows up as a relative error.
+batch norm, so a wrong meta-gradient on either path (the vmap + native BatchNorm trap, a
+detached inner gradient, a mixed-up task) shows up as a relative error.
 """
 
 import pytest
@@ -17,13 +17,16 @@ from metarun.models import MLP, Conv4
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
 
 
-def conv4_reference_forward(p, x):
+def conv4_reference_forward(p, x, variant="stride"):
     h = x
     for i in range(4):
-        h = F.conv2d(h, p[f"features.{i}.0.weight"], p[f"features.{i}.0.bias"], stride=2, padding=1)
+        h = F.conv2d(h, p[f"features.{i}.0.weight"], p[f"features.{i}.0.bias"], stride=2 if variant == "stride" else 1, padding=1)
         h = F.batch_norm(h, None, None, p[f"features.{i}.1.weight"], p[f"features.{i}.1.bias"], training=True)
         h = F.relu(h)
-    return F.linear(h.mean(dim=(2, 3)), p["head.weight"], p["head.bias"])
+        if variant == "maxpool":
+            h = F.max_pool2d(h, 2)
+    features = h.mean(dim=(2, 3)) if variant == "stride" else h.flatten(1)
+    return F.linear(features, p["head.weight"], p["head.bias"])
 
 
 def mlp_reference_forward(p, x):
@@ -99,6 +102,18 @@ def test_mlp_meta_gradient_matches_reference(batching, first_order):
     want = reference_meta_grad(
         dict(model.named_parameters()), mlp_reference_forward, F.mse_loss, episode, 0.01, 3, first_order
     )
+    assert relative_error(algo_meta_grad(algo, episode), want) < 1e-9
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+def test_maxpool_conv4_meta_gradient_matches_reference(batching):
+    torch.manual_seed(0)
+    model = Conv4(out_features=WAYS, hidden=4, variant="maxpool").double()
+    assert model.head.in_features == 4  # 28 -> 14 -> 7 -> 3 -> 1, flattened
+    algo = MAML(model, "classification", inner_lr=0.4, inner_steps=2, batching=batching)
+    episode = image_episode()
+    want = reference_meta_grad(dict(model.named_parameters()), lambda p, x: conv4_reference_forward(p, x, "maxpool"),
+                               F.cross_entropy, episode, 0.4, 2, False)
     assert relative_error(algo_meta_grad(algo, episode), want) < 1e-9
 
 

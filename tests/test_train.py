@@ -55,7 +55,8 @@ def test_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, omniglot_overr
 
 
 @pytest.mark.parametrize("kind", ["omniglot", "sinusoid"])
-def test_resumed_run_ends_with_the_numbers_of_an_uninterrupted_one(tmp_path, omniglot_overrides, kind):
+def test_continued_run_ends_with_the_numbers_of_an_uninterrupted_one(tmp_path, omniglot_overrides, kind):
+    # Runs killed mid-interval (SIGINT, SIGKILL) are resumed in test_cli; this one continues from a checkpoint.
     base = omniglot_overrides if kind == "omniglot" else TINY_SINUSOID
     base = base + ["train.iterations=6", "train.val_every=2"]
     run(tmp_path / "whole", base)
@@ -67,6 +68,8 @@ def test_resumed_run_ends_with_the_numbers_of_an_uninterrupted_one(tmp_path, omn
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["algo"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["algo"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    events = EventAccumulator(str(tmp_path / "resumed" / "tb")).Reload()
+    assert [e.step for e in events.Scalars("val/" + ("accuracy" if kind == "omniglot" else "mse"))] == [2, 4, 6]
 
 
 def test_resume_refuses_a_changed_experiment(tmp_path):
@@ -74,6 +77,8 @@ def test_resume_refuses_a_changed_experiment(tmp_path):
     before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(MetarunError, match=r"algo.inner_lr=0.01, this run has algo.inner_lr=0.5"):
         run(tmp_path, TINY_SINUSOID + ["algo.inner_lr=0.5"])
+    with pytest.raises(MetarunError, match=r"test.eval_seed=0, this run has test.eval_seed=1"):
+        run(tmp_path, TINY_SINUSOID + ["test.eval_seed=1"])
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
 
 
@@ -97,15 +102,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_eval_reproduces_the_test_numbers_of_the_run(tmp_path, omniglot_overrides, shared_data_root, omniglot_cache_dir):
-    run(tmp_path / "run", omniglot_overrides)
+@pytest.mark.parametrize("kind", ["omniglot", "sinusoid"])
+def test_eval_reproduces_the_test_numbers_of_the_run(tmp_path, omniglot_overrides, shared_data_root, omniglot_cache_dir, kind):
+    run(tmp_path / "run", omniglot_overrides if kind == "omniglot" else TINY_SINUSOID + ["test.episodes=6"])
     cfg = compose_config([f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "test.episodes=6", "batch_size=4",
                           f"data.root={shared_data_root}", f"data.cache_dir={omniglot_cache_dir}", "data.download=false"],
                          name="eval")
     (tmp_path / "eval").mkdir()
     evaluate(cfg, tmp_path / "eval")
     got, want = read_metrics(tmp_path / "eval")["test"], read_metrics(tmp_path / "run")["test"]
-    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+    metric = "accuracy" if kind == "omniglot" else "mse"
+    assert got[metric] == pytest.approx(want[metric], abs=1e-6)
     assert got["per_step"] == pytest.approx(want["per_step"], abs=1e-6)
 
 

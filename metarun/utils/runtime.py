@@ -18,6 +18,9 @@ def resolve_device(name: str) -> torch.device:
         raise MetarunError(f"unknown device '{name}': use device=auto, device=cpu or device=cuda (device.name=cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MetarunError("device=cuda was asked for but CUDA is not available here: use device=auto or device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MetarunError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                           f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

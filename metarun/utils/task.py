@@ -56,11 +56,18 @@ def run_task(fn, cfg, run_dir: Path, log_name: str):
         raise
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any writer thread starts
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def umask_mode() -> int:
     """The mode a plain ``open()`` would give a new file (mkstemp's own is 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_UMASK
 
 
 def write_json(path: Path, data: dict) -> None:

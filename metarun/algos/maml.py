@@ -8,8 +8,9 @@ the adaptation (second order) or with the inner gradients treated as constants (
 
 Two execution paths compute the same numbers: ``loop`` adapts one task after another with
 ``torch.autograd.grad``; ``vmap`` adapts all tasks at once with ``torch.func.grad`` under
-``torch.func.vmap``. ``batching="auto"`` picks vmap on CUDA (about 12x faster on an H100) and the
-loop on CPU (where vmap is 2-4x slower).
+``torch.func.vmap``. ``batching="auto"`` picks vmap on CUDA (the team measured it about 12x faster
+than a per-task loop on an H100) and the loop on CPU (where benchmarks/bench_maml.py measures vmap
+about 2x slower).
 
 Example::
 

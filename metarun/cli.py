@@ -72,8 +72,32 @@ class FailedJobs:
         return getattr(self.stream, name)
 
 
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
+
+
+def completion_task(argv: list[str]) -> str | None:
+    """Shell completion shim. Hydra's bash script calls back ``metarun -sc query=bash`` with the whole
+    command line in COMP_LINE: complete the task word here, or route to the task's Hydra with the
+    task word taken out of COMP_LINE (Hydra expects ``app overrides...``)."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    task_word_done = len(words) >= 3 or (len(words) == 2 and line[-1:].isspace())
+    if len(words) >= 2 and words[1] in TASKS and task_word_done:
+        os.environ["COMP_LINE"] = line.replace(f" {words[1]}", "", 1)
+        return words[1]
+    if any(a.startswith("query=") for a in argv[1:]):
+        print(" ".join(TASKS))
+        return None
+    return "train"  # install/uninstall: any task's Hydra writes the same script, registered as 'metarun'
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMPLETION_FLAGS:
+        task = completion_task(argv)
+        if task is None:
+            return 0
+        argv = [task, *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
@@ -88,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # Hydra re-raises instead of printing its own multi-line report, so every error gets one line here.
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = [f"metarun-{task}", *argv[1:]]
+    sys.argv = ["metarun", *argv[1:]]  # the name Hydra's shell completion registers
     from metarun.errors import MetarunError
 
     stderr = sys.stderr = FailedJobs(sys.stderr)

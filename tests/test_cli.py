@@ -182,3 +182,19 @@ def test_eval_through_the_cli(tmp_path):
                                   cwd=tmp_path), "does not exist")
     assert_one_line_error(metarun("eval", "ckpt=x", "test.episodes=0", f"hydra.run.dir={tmp_path / 'e3'}",
                                   cwd=tmp_path), "test.episodes must be at least 1")
+
+
+def test_shell_completion_goes_through_the_dispatcher(tmp_path):
+    script = metarun("train", "--shell-completion", "install=bash", cwd=tmp_path).stdout
+    assert "-F hydra_bash_completion metarun\n" in script or script.rstrip().endswith("hydra_bash_completion metarun")
+
+    def complete(line):
+        result = subprocess.run([sys.executable, "-m", "metarun", "-sc", "query=bash"], cwd=tmp_path, text=True,
+                                capture_output=True, env={**os.environ, "COMP_LINE": line})
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert complete("metarun tr") == ["train", "eval"]
+    assert complete("metarun train algo=") == ["algo=fomaml", "algo=maml"]
+    assert "data.shots=" in complete("metarun train data.")
+    assert "test.episodes=" in complete("metarun eval test.ep")

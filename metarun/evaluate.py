@@ -14,12 +14,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.config import conf_dir
-from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.train import build_experiment
 from metarun.utils.checkpoint import load_checkpoint
 from metarun.utils.display import progress_bar, results_table
-from metarun.utils.task import run_task, write_json
+from metarun.utils.runtime import require_positive
+from metarun.utils.files import write_json
+from metarun.utils.task import run_task
 
 log = logging.getLogger("metarun")
 
@@ -39,9 +40,7 @@ def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> float:
-    for key in ("batch_size", "test.episodes"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise MetarunError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
+    require_positive(cfg, "batch_size", "test.episodes")
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)
     run = run_config(cfg, state["config"])

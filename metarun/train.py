@@ -24,8 +24,9 @@ from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
 from metarun.utils.display import print_config_tree, progress_bar, results_table
 from metarun.utils.logger import TensorBoardLogger
-from metarun.utils.runtime import build, resolve_device
-from metarun.utils.task import GracefulStop, hydra_record, run_task, write_json
+from metarun.utils.runtime import build, require_positive, resolve_device
+from metarun.utils.files import write_json
+from metarun.utils.task import GracefulStop, hydra_record, run_task
 
 log = logging.getLogger("metarun")
 
@@ -79,10 +80,8 @@ def check_resumable(saved: dict, cfg: DictConfig, path: Path) -> None:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    for key in ("train.meta_batch_size", "train.iterations", "train.val_every", "train.val_episodes",
-                "train.log_every", "test.episodes"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise MetarunError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
+    require_positive(cfg, "train.meta_batch_size", "train.iterations", "train.val_every", "train.val_episodes",
+                     "train.log_every", "test.episodes")
     if cfg.test.checkpoint not in ("best", "last"):
         raise MetarunError(f"test.checkpoint must be best or last, got '{cfg.test.checkpoint}'")
 

@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import stat
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -21,6 +20,7 @@ from rich.progress import MofNCompleteColumn
 
 from metarun.data.download import download_file
 from metarun.errors import DataError
+from metarun.utils.files import atomic_write
 from metarun.utils.display import transient_progress
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -191,25 +191,16 @@ def _read_cache(path: Path) -> OmniglotImages | None:
 def _write_cache(path: Path, data: OmniglotImages) -> None:
     """Write atomically; a failure only costs decoding again next time."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(
-                    {
-                        "images": data.images,
-                        "alphabets": data.alphabets,
-                        "characters": data.characters,
-                        "background": data.background,
-                    },
-                    f,
-                )
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache in a shared data folder should be readable
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as f:
+            torch.save(
+                {
+                    "images": data.images,
+                    "alphabets": data.alphabets,
+                    "characters": data.characters,
+                    "background": data.background,
+                },
+                f,
+            )
     except OSError as e:
         warnings.warn(f"could not write the Omniglot cache {path} ({e}); it will be decoded again next time")
 

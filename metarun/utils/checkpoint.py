@@ -5,37 +5,21 @@ the algorithm's and optimiser's state, the iteration, the best validation result
 validation history, the resolved config, and the RNG states (torch, CUDA, the task sampler).
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from metarun.errors import MetarunError
-from metarun.utils.task import umask_mode
+from metarun.utils.files import atomic_write
 
 FORMAT = "metarun-checkpoint"
 VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash or kill at any moment leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, umask_mode())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic: a crash or kill during the save leaves the previous checkpoint intact."""
+    with atomic_write(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
 
 
 def load_checkpoint(path: Path) -> dict:

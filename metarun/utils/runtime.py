@@ -3,7 +3,7 @@
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
 
@@ -34,3 +34,10 @@ def build(cfg: DictConfig, **kwargs):
             raise cause from None
         message = str(cause if cause is not None else e).strip().splitlines()
         raise MetarunError(f"could not build {cfg.get('_target_')}: {message[-1] if message else e}") from None
+
+
+def require_positive(cfg: DictConfig, *keys: str) -> None:
+    """Counts such as iterations and episodes must be at least 1."""
+    for key in keys:
+        if OmegaConf.select(cfg, key) < 1:
+            raise MetarunError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")

@@ -1,10 +1,7 @@
 """The wrapper around every task: record failures in the job's log, always release resources."""
 
-import json
 import logging
-import os
 import signal
-import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -54,30 +51,6 @@ def run_task(fn, cfg, run_dir: Path, log_name: str):
             else:
                 f.write("".join(traceback.format_exception(e)))
         raise
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it; done once, at import, before any writer thread starts
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def umask_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (mkstemp's own is 0600)."""
-    return 0o666 & ~_UMASK
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, umask_mode())
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 class GracefulStop:

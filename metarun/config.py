@@ -46,6 +46,9 @@ class OmniglotConfig:
     download: bool = True
     channels: int = 1
     image_size: int = 28
+    train_ways: Optional[int] = None  # meta-training tasks; None: as ways/shots/queries
+    train_shots: Optional[int] = None
+    train_queries: Optional[int] = None
 
 
 @dataclass
@@ -86,6 +89,59 @@ class MAMLConfig:
     eval_inner_steps: int = MISSING
     first_order: bool = MISSING
     batching: str = MISSING
+    transductive: bool = MISSING
+
+
+# -- meta-optimiser and its learning-rate schedule -----------------------------------------------
+@dataclass
+class AdamConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = MISSING
+    betas: list[float] = MISSING
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = MISSING
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ConstantScheduleConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    factor: float = 1.0
+    total_iters: int = 0
+
+
+@dataclass
+class CosineScheduleConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    T_max: int = MISSING
+    eta_min: float = MISSING
+
+
+@dataclass
+class LinearScheduleConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    start_factor: float = MISSING
+    end_factor: float = MISSING
+    total_iters: int = MISSING
+
+
+@dataclass
+class StepScheduleConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    step_size: int = MISSING
+    gamma: float = MISSING
 
 
 # -- device and the run itself -----------------------------------------------------------------
@@ -116,6 +172,8 @@ class TrainConfig:
     data: Any = MISSING
     model: Any = MISSING
     algo: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
     device: DeviceConfig = field(default_factory=DeviceConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     test: TestConfig = field(default_factory=TestConfig)
@@ -158,6 +216,12 @@ def register_schemas() -> None:
         ("model", "conv4", Conv4Config),
         ("model", "mlp", MLPConfig),
         ("algo", "maml", MAMLConfig),
+        ("optimizer", "adam", AdamConfig),
+        ("optimizer", "sgd", SGDConfig),
+        ("scheduler", "constant", ConstantScheduleConfig),
+        ("scheduler", "cosine", CosineScheduleConfig),
+        ("scheduler", "linear", LinearScheduleConfig),
+        ("scheduler", "step", StepScheduleConfig),
         ("device", "device", DeviceConfig),
     ]:
         cs.store(name=f"schema_{group}_{name}", node=node)

@@ -79,6 +79,19 @@ def check_resumable(saved: dict, cfg: DictConfig, path: Path) -> None:
         )
 
 
+def protocol(cfg: DictConfig, algo) -> dict:
+    """What makes two runs' numbers comparable, in one place (metrics.json and the TensorBoard hparams)."""
+    data = cfg.data
+    train_tasks = {f"train_{k}": data.get(f"train_{k}") if data.get(f"train_{k}") is not None else data.get(k)
+                   for k in ("ways", "shots", "queries")}
+    return {
+        "split": data.get("split"), "ways": data.get("ways"), "shots": data.shots, "queries": data.queries,
+        **train_tasks, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
+        "checkpoint": cfg.test.checkpoint, "batch_norm": batch_norm_mode(algo.model, algo.transductive),
+        "eval_seed": cfg.test.eval_seed,
+    }
+
+
 def check_settings(cfg: DictConfig) -> None:
     require_positive(cfg, "train.meta_batch_size", "train.iterations", "train.val_every", "train.val_episodes",
                      "train.log_every", "test.episodes")
@@ -91,7 +104,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     device, data, algo = build_experiment(cfg)
     better = (lambda a, b: a > b) if algo.metric == "accuracy" else (lambda a, b: a < b)
-    optimizer = torch.optim.Adam(algo.parameters(), lr=cfg.train.meta_lr)
+    optimizer = build(cfg.optimizer)(algo.parameters())
+    scheduler = build(cfg.scheduler)(optimizer)  # stepped once per meta-iteration
     tasks_rng = torch.Generator().manual_seed(cfg.seed)  # the training task stream; saved in checkpoints
     ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
     iteration, best, history, seconds = 0, None, [], 0.0
@@ -102,6 +116,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         check_resumable(state["config"], cfg, ckpt_dir / "last.pt")
         algo.load_state_dict(state["algo"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         tasks_rng.set_state(state["rng"]["tasks"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
@@ -112,7 +127,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     def checkpoint(name: str) -> None:
         save_checkpoint(ckpt_dir / name, {
             "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
-            "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
+            "scheduler": scheduler.state_dict(), "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
             "config": OmegaConf.to_container(cfg, resolve=True), "hydra": record,
             "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
@@ -130,7 +145,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             tic, tic_iteration = time.perf_counter(), iteration
             while iteration < total:
                 episode = data.sample("train", cfg.train.meta_batch_size, tasks_rng)
-                loss, metrics = algo.meta_loss(episode)
+                loss, metrics = algo.meta_loss(episode, iteration)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(algo.parameters(), float("inf"))
@@ -141,7 +156,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                         f"the meta-loss became {loss.item():.4g} (gradient norm {grad_norm.item():.4g}) at iteration "
                         f"{iteration + 1}: training stopped, {kept}; lower train.meta_lr or algo.inner_lr"
                     )
+                lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
+                scheduler.step()
                 iteration += 1
 
                 speed = (iteration - tic_iteration) / max(time.perf_counter() - tic, 1e-9)
@@ -150,7 +167,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                     log.info(f"iteration {iteration}/{total}: {progress.tasks[bar].fields['stats']}")  # logs, no live bar
                 if iteration % cfg.train.log_every == 0 or iteration == total:
                     logger.log_scalars({"train/loss": metrics["loss"].item(), f"train/{metric}": metrics[metric].item(),
-                                        "train/grad_norm": grad_norm.item()}, iteration)
+                                        "train/grad_norm": grad_norm.item(), "train/meta_lr": lr}, iteration)
 
                 if iteration % cfg.train.val_every == 0 or iteration == total:
                     seconds += time.perf_counter() - tic
@@ -182,7 +199,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         for step, value in enumerate(test["per_step"]):
             logger.log_scalars({f"test/{metric}_by_inner_step": value}, step)
         logger.log_hparams(
-            {k: v for k, v in flat_config(cfg).items() if not k.startswith(("data.root", "data.cache_dir", "data.url"))},
+            {**{k: v for k, v in flat_config(cfg).items() if not k.startswith(("data.root", "data.cache_dir", "data.url"))},
+             **{f"protocol.{k}": v for k, v in protocol(cfg, algo).items() if v is not None}},
             {f"hparams/test_{metric}": test[metric], f"hparams/val_{metric}": best[metric]},
         )
     finally:
@@ -192,12 +210,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "task": algo.task, "metric": metric,
         "test": test, "val": {**best, "history": history},
         "iterations": iteration, "seconds": round(seconds, 3),
-        "protocol": {
-            "split": cfg.data.get("split"), "ways": cfg.data.get("ways"), "shots": cfg.data.shots,
-            "queries": cfg.data.queries, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
-            "checkpoint": cfg.test.checkpoint, "batch_norm": batch_norm_mode(algo.model),
-            "eval_seed": cfg.test.eval_seed,
-        },
+        "protocol": protocol(cfg, algo),
     }
     write_json(run_dir / "metrics.json", results)
     rich.print(results_table(f"{algo.__class__.__name__}: {run_dir}", metric, test, best))

@@ -6,9 +6,12 @@ algorithm-blind. An algorithm is an ``nn.Module`` that owns its network and anyt
 meta-learns, so one optimiser over ``algo.parameters()`` and one ``state_dict`` cover it all.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import vmap
 
 from metarun.data.episode import Episode
 
@@ -34,14 +37,29 @@ def metric_name(task: str) -> str:
 
 
 class MetaAlgorithm(nn.Module):
-    """Base class: holds the network and the task type; subclasses define the two methods."""
+    """Base class: holds the network and the task type; subclasses define the two methods.
 
-    def __init__(self, model: nn.Module, task: str):
+    ``transductive`` is the batch-norm protocol for query sets: True normalises all queries of a
+    task as one batch (MAML's reference code); False normalises each query in a batch with the
+    support set alone (Nichol et al. 2018), so no query sees another.
+    """
+
+    eval_inner_steps = 0  # adaptation steps at meta-validation and meta-test
+
+    def __init__(self, model: nn.Module, task: str, transductive: bool = True):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.model = model
         self.task = task
+        self.transductive = transductive
+
+    def query_outputs(self, forward: Callable[[torch.Tensor], torch.Tensor], support_x: torch.Tensor,
+                      query_x: torch.Tensor) -> torch.Tensor:
+        """``forward`` on one task's queries under the batch-norm protocol (see ``transductive``)."""
+        if self.transductive or query_x.shape[0] == 0:
+            return forward(query_x)
+        return vmap(lambda q: forward(torch.cat([support_x, q[None]]))[-1])(query_x)
 
     @property
     def metric(self) -> str:
@@ -51,8 +69,9 @@ class MetaAlgorithm(nn.Module):
         """Whether tasks run vectorised with torch.func.vmap on ``device`` (else one after another)."""
         return False
 
-    def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean query loss over the episode's tasks after adaptation, and detached metrics."""
+    def meta_loss(self, episode: Episode, iteration: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss whose gradient the meta-optimiser follows, and detached metrics, for one batch of
+        tasks at meta-training iteration ``iteration`` (for schedules inside the algorithm)."""
         raise NotImplementedError
 
     def evaluate(self, episode: Episode, steps: int) -> torch.Tensor:

@@ -29,10 +29,12 @@ class BatchStatNorm(nn.Module):
         return x_hat * self.weight.view(shape) + self.bias.view(shape)
 
 
-def batch_norm_mode(model: nn.Module) -> str:
+def batch_norm_mode(model: nn.Module, transductive: bool = True) -> str:
     """How a network normalises, for the record in metrics.json."""
     if any(isinstance(m, BatchStatNorm) for m in model.modules()):
-        return "batch statistics at meta-train and meta-test (transductive)"
+        if transductive:
+            return "batch statistics at meta-train and meta-test (transductive)"
+        return "batch statistics; each query normalised with the support set alone (non-transductive)"
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return "torch.nn batch norm (mode follows train()/eval())"
     return "none"

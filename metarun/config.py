@@ -65,7 +65,7 @@ class SinusoidConfig:
 @dataclass
 class Conv4Config:
     _target_: str = MISSING
-    out_features: int = MISSING
+    out_features: Optional[int] = MISSING  # null: no head (an embedding network)
     in_channels: int = MISSING
     image_size: int = MISSING
     hidden: int = MISSING
@@ -88,6 +88,62 @@ class MAMLConfig:
     inner_steps: int = MISSING
     eval_inner_steps: int = MISSING
     first_order: bool = MISSING
+    batching: str = MISSING
+    transductive: bool = MISSING
+
+
+@dataclass
+class ANILConfig(MAMLConfig):
+    adapt: str = MISSING  # regular expression over parameter names: the parameters the inner loop adapts
+
+
+@dataclass
+class MetaSGDConfig:
+    _target_: str = MISSING
+    inner_steps: int = MISSING
+    eval_inner_steps: int = MISSING
+    lr_init: list[float] = MISSING  # the learned per-parameter inner lrs start U[low, high]
+    first_order: bool = MISSING
+    batching: str = MISSING
+    transductive: bool = MISSING
+
+
+@dataclass
+class MAMLppConfig(MAMLConfig):
+    lslr: bool = MISSING  # per-layer, per-step learned inner lrs
+    msl: bool = MISSING  # multi-step loss with annealed weights
+    msl_iterations: int = MISSING  # iterations over which the multi-step loss weights anneal to the final step
+    per_step_bn: bool = MISSING  # batch-norm weights and biases per inner step
+    first_order_iterations: int = MISSING  # derivative-order annealing: first order for this many iterations
+
+
+@dataclass
+class ReptileConfig:
+    _target_: str = MISSING
+    inner_optimizer: str = MISSING  # sgd or adam
+    inner_lr: float = MISSING
+    inner_betas: list[float] = MISSING  # Adam's betas in the inner loop (Reptile: beta1 = 0)
+    inner_iterations: int = MISSING
+    inner_batch_size: int = MISSING
+    eval_inner_steps: int = MISSING
+    eval_inner_batch_size: int = MISSING
+    batching: str = MISSING
+    transductive: bool = MISSING
+
+
+@dataclass
+class ProtoNetConfig:
+    _target_: str = MISSING
+    distance: str = MISSING  # euclidean (squared) or cosine
+    batching: str = MISSING
+    transductive: bool = MISSING
+
+
+@dataclass
+class MatchingNetConfig:
+    _target_: str = MISSING
+    fce: bool = MISSING  # full-context embeddings (bi-LSTM over the support set, attention LSTM for queries)
+    fce_steps: int = MISSING  # processing steps of the attention LSTM
     batching: str = MISSING
     transductive: bool = MISSING
 
@@ -216,6 +272,12 @@ def register_schemas() -> None:
         ("model", "conv4", Conv4Config),
         ("model", "mlp", MLPConfig),
         ("algo", "maml", MAMLConfig),
+        ("algo", "anil", ANILConfig),
+        ("algo", "metasgd", MetaSGDConfig),
+        ("algo", "mamlpp", MAMLppConfig),
+        ("algo", "reptile", ReptileConfig),
+        ("algo", "protonet", ProtoNetConfig),
+        ("algo", "matchingnet", MatchingNetConfig),
         ("optimizer", "adam", AdamConfig),
         ("optimizer", "sgd", SGDConfig),
         ("scheduler", "constant", ConstantScheduleConfig),

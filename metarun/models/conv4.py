@@ -5,6 +5,9 @@ Two variants, both 4 x [3x3 conv, batch norm, ReLU]:
   no pooling, features averaged over the final spatial map.
 - ``maxpool``: the Vinyals/Snell/MAML-miniImageNet network: stride-1 convolutions, each block
   followed by 2x2 max-pooling, features flattened.
+
+``out_features=None`` leaves out the linear head: the network is then the embedding of the
+metric-based algorithms (ProtoNets, Matching Networks), 64-d on 28x28 Omniglot with max-pooling.
 """
 
 import torch
@@ -18,7 +21,7 @@ VARIANTS = ("stride", "maxpool")
 class Conv4(nn.Module):
     def __init__(
         self,
-        out_features: int,
+        out_features: int | None,
         in_channels: int = 1,
         hidden: int = 64,
         variant: str = "stride",
@@ -42,7 +45,8 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*blocks)
         with torch.no_grad():
             dim = self._embed(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
-        self.head = nn.Linear(dim, out_features)
+        self.head = nn.Linear(dim, out_features) if out_features is not None else nn.Identity()
+        self.out_dim = dim if out_features is None else out_features
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)

@@ -78,6 +78,7 @@ class MLPConfig:
     in_features: int = MISSING
     hidden: list[int] = MISSING
     out_features: int = MISSING
+    batch_norm: bool = False  # batch norm after each hidden layer (MAML's fully connected Omniglot network)
 
 
 # -- algorithms --------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class ReptileConfig:
 class ProtoNetConfig:
     _target_: str = MISSING
     distance: str = MISSING  # euclidean (squared) or cosine
+    cosine_scale: float = MISSING  # distance=cosine: logits are cosine similarities times this
     batching: str = MISSING
     transductive: bool = MISSING
 

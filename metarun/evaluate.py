@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.config import conf_dir
+from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.train import build_experiment
 from metarun.utils.checkpoint import load_checkpoint
@@ -35,6 +36,9 @@ def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
             run.data[key] = cfg.data[key]
     for key in ("eval_inner_steps", "batching"):
         if cfg.algo[key] is not None:
+            if key not in run.algo:
+                raise MetarunError(f"algo.{key} does not apply to {run.algo._target_.rsplit('.', 1)[-1]} "
+                                   f"(it has no inner loop): leave it out")
             run.algo[key] = cfg.algo[key]
     return run
 

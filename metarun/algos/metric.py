@@ -1,0 +1,96 @@
+"""What the metric-based algorithms share (Prototypical Networks, Matching Networks).
+
+A metric-based algorithm does not adapt: it embeds a task's support and query images with one
+headless network and classifies each query by a differentiable comparison with the labelled
+support embeddings. A subclass defines that comparison (``task_log_probs``); this module owns the
+rest: the checks on the task and network, the embedding under the batch-norm protocol, the
+cross-entropy on the queries, and running a batch of tasks one after another (``loop``) or all
+at once with ``torch.func.vmap`` (``vmap``; ``auto`` = vmap on CUDA, the loop on CPU, as in
+``metarun.algos.gradient``).
+
+Batch norm (``transductive``):
+
+- ``True``: support and queries of a task go through the network as one batch, as Snell's
+  reference code does in training (``torch.cat([xs, xq])`` through the encoder).
+- ``False``: the support set is embedded alone and each query in a batch with the support set
+  (``MetaAlgorithm.query_outputs``), so no query's embedding depends on another query.
+
+Deviation: the reference code evaluates in ``model.eval()``, normalising with running statistics
+collected in training. metarun's batch norm has no running statistics (``BatchStatNorm``): it
+always normalises with the current batch, at meta-training and meta-test alike, under the
+protocol above.
+"""
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+from metarun.algos.base import BATCHING, MetaAlgorithm, task_metric
+from metarun.data.episode import Episode
+from metarun.errors import MetarunError
+
+
+class MetricBased(MetaAlgorithm):
+    eval_inner_steps = 0  # nothing adapts: evaluate reports the query accuracy as embedded
+    config_name = ""  # the algo=<name> that selects the subclass, for error messages
+
+    def __init__(self, model: nn.Module, task: str, batching: str = "auto", transductive: bool = True):
+        if task != "classification":
+            raise MetarunError(f"algo={self.config_name} classifies queries by their labelled support images: "
+                               f"it needs classification data (data=omniglot), not {task} tasks")
+        if isinstance(getattr(model, "head", None), nn.Linear):
+            raise MetarunError(f"algo={self.config_name} needs a headless embedding network, but the model ends in a "
+                               f"linear head: use model=conv4_embedding (or an experiment config)")
+        super().__init__(model, task, transductive)
+        if batching not in BATCHING:
+            raise ValueError(f"algo.batching must be one of {BATCHING}, got {batching!r}")
+        self.batching = batching
+
+    def uses_vmap(self, device: torch.device) -> bool:
+        if self.batching == "auto":
+            return device.type == "cuda"
+        return self.batching == "vmap"
+
+    # -- one task, no task dimension --------------------------------------------------------------
+    def embed(self, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support and query embeddings of one task under the batch-norm protocol."""
+        if self.transductive:
+            z = self.model(torch.cat([support_x, query_x]))
+            return z[: support_x.shape[0]], z[support_x.shape[0]:]
+        return self.model(support_x), self.query_outputs(self.model, support_x, query_x)
+
+    def task_log_probs(self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor,
+                       ways: int) -> torch.Tensor:
+        """Log-probabilities (Q, ways) of each query's class, from the embeddings of one task."""
+        raise NotImplementedError
+
+    def _task(self, support_x, support_y, query_x, query_y, ways: int):
+        support_z, query_z = self.embed(support_x, query_x)
+        log_probs = self.task_log_probs(support_z, support_y, query_z, ways)
+        loss = nn.functional.nll_loss(log_probs, query_y)
+        return loss, task_metric(log_probs, query_y, self.task).detach()
+
+    # -- a batch of tasks -------------------------------------------------------------------------
+    def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query loss and accuracy of every task: two tensors of shape (T,)."""
+        if episode.query_x.shape[1] == 0:
+            raise MetarunError(f"algo={self.config_name} learns from query images: "
+                               f"set data.train_queries to at least 1")
+        batch = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+        # ways is the episode's own (training tasks may have more ways than test tasks).
+        if self.uses_vmap(episode.support_x.device):
+            return vmap(lambda *task: self._task(*task, episode.ways))(*batch)
+        losses, metrics = zip(*(self._task(*task, episode.ways) for task in zip(*batch)))
+        return torch.stack(losses), torch.stack(metrics)
+
+    def meta_loss(self, episode: Episode, iteration: int = 0):
+        losses, metrics = self._over_tasks(episode)
+        return losses.mean(), {"loss": losses.detach().mean(), self.metric: metrics.mean()}
+
+    def evaluate(self, episode: Episode, steps: int = 0) -> torch.Tensor:
+        """Query accuracy of each task, shape (T, 1): there are no adaptation steps to report."""
+        if steps != 0:
+            raise ValueError(f"algo={self.config_name} does not adapt: evaluate with steps=0 "
+                             f"(algo.eval_inner_steps does not apply), got {steps}")
+        with torch.no_grad():
+            return self._over_tasks(episode)[1][:, None]

@@ -1,0 +1,123 @@
+"""Speed of one meta-iteration of every algorithm, as ratios against a per-task reference run alongside.
+
+Each algorithm runs its paper's Omniglot experiment config (``conf/experiment/<algo>_omniglot_*``:
+its network, ways, shots, queries, meta-batch and inner loop) on real episodes. Variants:
+
+- ``reference``: the plain per-task loop, one task's meta-loss and one backward pass after another
+  (what a per-task implementation costs; MAML's reference is the textbook loop, see bench_maml.py);
+- ``loop`` / ``vmap``: metarun's two execution paths, each over the whole meta-batch;
+- ``auto``: the path metarun picks on this device (the default).
+
+Variants are timed in interleaved rounds (so machine noise hits them alike) and the median round is
+reported, with the ratio ``reference / variant`` (above 1 is faster than the reference).
+
+    METARUN_DATA_DIR=../shared/data python benchmarks/bench_algos.py [--device auto] [--rounds 5] [--algos maml,reptile]
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metarun.config import conf_dir, default_data_root  # noqa: E402
+from metarun.train import build_experiment  # noqa: E402
+
+EXPERIMENTS = {
+    "maml": "maml_omniglot_5w1s", "fomaml": "fomaml_omniglot_5w1s", "mamlpp": "mamlpp_omniglot_5w1s",
+    "anil": "anil_omniglot_20w1s", "metasgd": "metasgd_omniglot_5w1s", "reptile": "reptile_omniglot_5w1s",
+    "protonet": "protonet_omniglot_5w1s", "matchingnet": "matchingnet_omniglot_5w1s",
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compose_experiment(name, root, device):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name="bench"):
+        return compose("train", [f"experiment={name}", f"data.root={root}", "data.download=false", f"device={device}"])
+
+
+def meta_iteration(algo, optimizer):
+    def step(episode, iteration):
+        loss, _ = algo.meta_loss(episode, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def reference_iteration(algo, optimizer):
+    """One task at a time: its own graph and backward pass, gradients summed over the meta-batch."""
+    algo.batching = "loop"
+
+    def step(episode, iteration):
+        optimizer.zero_grad(set_to_none=True)
+        for t in range(episode.num_tasks):
+            loss, _ = algo.meta_loss(episode.tasks(t, t + 1), iteration)
+            (loss / episode.num_tasks).backward()
+        optimizer.step()
+
+    return step
+
+
+def time_algorithm(cfg, rounds, iteration):
+    """Median seconds per meta-iteration of each variant, and the path ``auto`` takes."""
+    device, data, algo = build_experiment(cfg)
+    episodes = [data.sample("train", cfg.train.meta_batch_size, torch.Generator().manual_seed(i)) for i in range(3)]
+    variants = {}
+    for name in ("reference", "loop", "vmap", "auto"):
+        clone = copy.deepcopy(algo)
+        clone.batching = "loop" if name == "reference" else name
+        optimizer = torch.optim.SGD(clone.parameters(), lr=1e-6)  # the optimiser step is not what is measured
+        variants[name] = (reference_iteration if name == "reference" else meta_iteration)(clone, optimizer)
+    times = {name: [] for name in variants}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, step in variants.items():
+            sync(device)
+            tic = time.perf_counter()
+            step(episodes[r % len(episodes)], iteration)
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}, ("vmap" if algo.uses_vmap(device) else "loop")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--root", default=default_data_root())
+    parser.add_argument("--algos", default=",".join(EXPERIMENTS), help="comma-separated subset of " + ",".join(EXPERIMENTS))
+    parser.add_argument("--iteration", type=int, default=10**9,
+                        help="meta-iteration passed to the algorithms (late: MAML++'s annealing is over)")
+    args = parser.parse_args()
+    console = Console()
+    table = Table(title=f"One meta-iteration per algorithm ({args.device}, {torch.get_num_threads()} threads): "
+                        "ms, and speed vs the per-task reference")
+    for column in ("algorithm", "experiment", "meta-batch", "reference", "loop", "vmap", "auto (path)", "auto it/s"):
+        table.add_column(column, justify="right")
+    for name in args.algos.split(","):
+        torch.manual_seed(0)
+        cfg = compose_experiment(EXPERIMENTS[name], args.root, args.device)
+        seconds, auto_path = time_algorithm(cfg, args.rounds, args.iteration)
+        ref = seconds["reference"]
+        cell = lambda v: f"{1000 * seconds[v]:.0f} ({ref / seconds[v]:.2f}x)"  # noqa: E731
+        table.add_row(name, EXPERIMENTS[name], str(cfg.train.meta_batch_size), f"{1000 * ref:.0f}", cell("loop"),
+                      cell("vmap"), f"{cell('auto')} {auto_path}", f"{1 / seconds['auto']:.2f}")
+        console.print(f"{name}: " + "  ".join(f"{k} {1000 * v:.0f} ms" for k, v in seconds.items()))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Tier 1 for conf/experiment/: every paper protocol composes, builds what it says, and is recorded."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from metarun.config import conf_dir
+from metarun.train import build_experiment, train
+from metarun.utils.runtime import build
+from support import compose_config, omniglot_location, read_metrics
+
+EXPERIMENTS = sorted(p.stem for p in (Path(conf_dir()) / "experiment").glob("*.yaml"))
+ALGORITHMS = {"maml": "MAML", "fomaml": "MAML", "maml_fc": "MAML", "anil": "ANIL", "metasgd": "MetaSGD",
+              "mamlpp": "MAMLpp", "reptile": "Reptile", "protonet": "ProtoNet", "matchingnet": "MatchingNet"}
+
+
+def test_every_setting_of_protocols_md_has_a_config():
+    omniglot = [f"{a}_omniglot_{w}w{s}s" for a in ("maml", "fomaml", "metasgd", "mamlpp", "reptile", "protonet",
+                                                   "matchingnet") for w, s in ((5, 1), (5, 5), (20, 1), (20, 5))]
+    omniglot += ["maml_fc_omniglot_5w1s", "maml_fc_omniglot_5w5s", "anil_omniglot_20w1s", "anil_omniglot_20w5s"]
+    sinusoid = [f"{a}_sinusoid_k{k}" for a in ("maml", "metasgd") for k in (5, 10, 20)]
+    assert sorted(omniglot + sinusoid) == EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_dir):
+    where = omniglot_location(shared_data_root, omniglot_cache_dir) if "_omniglot_" in name else []
+    cfg = compose_config([f"experiment={name}", *where])
+    algo_name, data_name = name.split("_omniglot_") if "_omniglot_" in name else name.split("_sinusoid_")
+    device, data, algo = build_experiment(cfg)
+    assert type(algo).__name__ == ALGORITHMS[algo_name]
+    optimizer = build(cfg.optimizer)(algo.parameters())
+    scheduler = build(cfg.scheduler)(optimizer)
+    assert optimizer.param_groups[0]["lr"] == cfg.train.meta_lr
+    episode = data.sample("test", 2, torch.Generator().manual_seed(0))
+    if "_omniglot_" in name:
+        ways, shots = (int(v) for v in data_name.rstrip("s").split("w"))
+        assert (cfg.data.ways, cfg.data.shots) == (ways, shots) == (episode.ways, episode.shots)
+    else:
+        assert cfg.data.shots == int(data_name[1:]) == episode.support_x.shape[1]
+    result = algo.evaluate(episode, 1 if algo.eval_inner_steps else 0)  # the network runs on the test tasks
+    assert torch.isfinite(result).all()
+    optimizer.step()
+    scheduler.step()
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("maml_omniglot_5w1s", {"algo.inner_lr": 0.4, "algo.inner_steps": 1, "train.meta_batch_size": 32,
+                            "data.queries": 1, "model.variant": "stride", "test.episodes": 600, "data.split": "maml"}),
+    ("maml_omniglot_20w5s", {"algo.inner_lr": 0.1, "algo.inner_steps": 5, "train.meta_batch_size": 16,
+                             "data.queries": 5}),
+    ("reptile_omniglot_5w1s", {"optimizer._target_": "torch.optim.SGD", "train.meta_lr": 1.0,
+                               "scheduler._target_": "torch.optim.lr_scheduler.LinearLR", "scheduler.end_factor": 0.0,
+                               "data.train_shots": 10, "algo.inner_betas": [0.0, 0.999], "algo.transductive": False,
+                               "test.episodes": 10000, "data.split": "nichol", "train.meta_batch_size": 5}),
+    ("protonet_omniglot_5w1s", {"data.train_ways": 60, "data.train_queries": 5, "model.out_features": None,
+                                "model.variant": "maxpool", "scheduler.step_size": 2000, "scheduler.gamma": 0.5,
+                                "test.episodes": 1000, "data.split": "snell"}),
+    ("mamlpp_omniglot_5w1s", {"scheduler._target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                              "scheduler.eta_min": 1e-5, "train.meta_batch_size": 8, "data.queries": 1,
+                              "data.split": "mamlpp", "algo.lslr": True}),
+    ("maml_sinusoid_k10", {"algo.inner_lr": 0.01, "train.meta_batch_size": 25, "train.iterations": 70000,
+                           "data.shots": 10, "model.hidden": [40, 40]}),
+])
+def test_experiment_holds_the_papers_values(name, expected):
+    cfg = compose_config([f"experiment={name}"])
+    assert {k: OmegaConf.select(cfg, k) for k in expected} == expected
+
+
+def test_command_line_overrides_win_over_the_experiment():
+    cfg = compose_config(["experiment=maml_omniglot_5w1s", "algo.inner_lr=0.2", "train.iterations=700"])
+    assert cfg.algo.inner_lr == 0.2 and cfg.train.iterations == 700 and cfg.train.meta_batch_size == 32
+
+
+def test_protocol_is_recorded_in_metrics_and_hparams(tmp_path, shared_data_root, omniglot_cache_dir):
+    cfg = compose_config(["experiment=reptile_omniglot_5w1s", "model.hidden=8", "data.train_shots=2",
+                          "algo.inner_batch_size=4", "algo.inner_iterations=2", "algo.eval_inner_steps=2",
+                          "train.meta_batch_size=2", "train.iterations=2", "train.val_every=2", "train.val_episodes=4",
+                          "test.episodes=4", *omniglot_location(shared_data_root, omniglot_cache_dir)])
+    train(cfg, tmp_path)
+    protocol = read_metrics(tmp_path)["protocol"]
+    assert protocol == {
+        "split": "nichol", "ways": 5, "shots": 1, "queries": 1, "train_ways": 5, "train_shots": 2, "train_queries": 0,
+        "test_episodes": 4, "eval_inner_steps": 2, "checkpoint": "best", "eval_seed": 0,
+        "batch_norm": "batch statistics; each query normalised with the support set alone (non-transductive)",
+    }
+    hparams = EventAccumulator(str(tmp_path / "tb")).Reload().PluginTagToContent("hparams")
+    start = hparams["_hparams_/session_start_info"]
+    assert b"protocol.batch_norm" in start and b"non-transductive" in start and b"protocol.train_shots" in start

@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from metarun.config import conf_dir
+from metarun.data.episode import Episode
 
 TINY_OMNIGLOT = [
     "data.ways=3", "model.hidden=8", "train.meta_batch_size=2", "train.iterations=4", "train.val_every=2",
@@ -28,3 +30,16 @@ def omniglot_location(root: Path, cache: Path) -> list[str]:
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def random_image_episode(tasks: int, ways: int, shots: int, queries: int, seed: int = 0) -> Episode:
+    """Random float64 28x28 images, labels grouped by class: the numerical tests' episode."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return Episode(
+        support_x=torch.randn(tasks, ways * shots, 1, 28, 28, generator=g, dtype=torch.float64),
+        support_y=labels.repeat_interleave(shots).expand(tasks, -1).clone(),
+        query_x=torch.randn(tasks, ways * queries, 1, 28, 28, generator=g, dtype=torch.float64),
+        query_y=labels.repeat_interleave(queries).expand(tasks, -1).clone(),
+        ways=ways, shots=shots, queries=queries,
+    )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from metarun.algos.maml import MAML
 from metarun.data.episode import Episode
 from metarun.models import MLP, Conv4
+from support import random_image_episode
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
 
@@ -48,15 +49,7 @@ def reference_meta_grad(params, forward, loss_fn, episode, lr, steps, first_orde
 
 
 def image_episode(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(WAYS)
-    return Episode(
-        support_x=torch.randn(TASKS, WAYS * SHOTS, 1, 28, 28, generator=g, dtype=torch.float64),
-        support_y=labels.repeat_interleave(SHOTS).expand(TASKS, -1).clone(),
-        query_x=torch.randn(TASKS, WAYS * QUERIES, 1, 28, 28, generator=g, dtype=torch.float64),
-        query_y=labels.repeat_interleave(QUERIES).expand(TASKS, -1).clone(),
-        ways=WAYS, shots=SHOTS, queries=QUERIES,
-    )
+    return random_image_episode(TASKS, WAYS, SHOTS, QUERIES, seed)
 
 
 def regression_episode(seed=0):

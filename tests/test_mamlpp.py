@@ -17,13 +17,12 @@ import torch.nn.functional as F
 
 from metarun.algos.maml import MAML
 from metarun.algos.mamlpp import MAMLpp, msl_weights
-from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 from metarun.models import Conv4
 from metarun.train import build_experiment, train
 from metarun.utils.checkpoint import load_checkpoint
 from metarun.utils.runtime import build
-from support import TINY_OMNIGLOT, TINY_SINUSOID, compose_config, omniglot_location, read_metrics
+from support import random_image_episode, TINY_OMNIGLOT, TINY_SINUSOID, compose_config, omniglot_location, read_metrics
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
 
@@ -34,15 +33,7 @@ def is_norm(name):
 
 
 def image_episode(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(WAYS)
-    return Episode(
-        support_x=torch.randn(TASKS, WAYS * SHOTS, 1, 28, 28, generator=g, dtype=torch.float64),
-        support_y=labels.repeat_interleave(SHOTS).expand(TASKS, -1).clone(),
-        query_x=torch.randn(TASKS, WAYS * QUERIES, 1, 28, 28, generator=g, dtype=torch.float64),
-        query_y=labels.repeat_interleave(QUERIES).expand(TASKS, -1).clone(),
-        ways=WAYS, shots=SHOTS, queries=QUERIES,
-    )
+    return random_image_episode(TASKS, WAYS, SHOTS, QUERIES, seed)
 
 
 def make(variant="stride", steps=3, seed=0, **kwargs):

@@ -18,7 +18,7 @@ from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 from metarun.models import Conv4
 from metarun.train import train
-from support import TINY_OMNIGLOT, compose_config, omniglot_location, read_metrics
+from support import random_image_episode, TINY_OMNIGLOT, compose_config, omniglot_location, read_metrics
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
 
@@ -42,15 +42,7 @@ def points_episode(support, support_y, query, query_y):
 
 
 def image_episode(seed=0, ways=WAYS):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(ways)
-    return Episode(
-        support_x=torch.randn(TASKS, ways * SHOTS, 1, 28, 28, generator=g, dtype=torch.float64),
-        support_y=labels.repeat_interleave(SHOTS).expand(TASKS, -1).clone(),
-        query_x=torch.randn(TASKS, ways * QUERIES, 1, 28, 28, generator=g, dtype=torch.float64),
-        query_y=labels.repeat_interleave(QUERIES).expand(TASKS, -1).clone(),
-        ways=ways, shots=SHOTS, queries=QUERIES,
-    )
+    return random_image_episode(TASKS, ways, SHOTS, QUERIES, seed)
 
 
 def embedding_net():

@@ -20,22 +20,14 @@ from metarun.errors import MetarunError
 from metarun.models import Conv4
 from metarun.train import build_experiment, train
 from metarun.utils.checkpoint import load_checkpoint
-from support import TINY_OMNIGLOT, compose_config, omniglot_location, read_metrics
+from support import random_image_episode, TINY_OMNIGLOT, compose_config, omniglot_location, read_metrics
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 3
 REPTILE = ["algo=reptile", "optimizer=sgd", "scheduler=linear", "train.meta_lr=1.0"]
 
 
 def classification_episode(seed=0, tasks=TASKS, queries=QUERIES):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(WAYS)
-    return Episode(
-        support_x=torch.randn(tasks, WAYS * SHOTS, 1, 28, 28, generator=g, dtype=torch.float64),
-        support_y=labels.repeat_interleave(SHOTS).expand(tasks, -1).clone(),
-        query_x=torch.randn(tasks, WAYS * queries, 1, 28, 28, generator=g, dtype=torch.float64),
-        query_y=labels.repeat_interleave(queries).expand(tasks, -1).clone(),
-        ways=WAYS, shots=SHOTS, queries=queries,
-    )
+    return random_image_episode(tasks, WAYS, SHOTS, queries, seed)
 
 
 def regression_episode(seed=0, tasks=TASKS, shots=5, queries=4):

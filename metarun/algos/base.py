@@ -41,18 +41,23 @@ class MetaAlgorithm(nn.Module):
 
     ``transductive`` is the batch-norm protocol for query sets: True normalises all queries of a
     task as one batch (MAML's reference code); False normalises each query in a batch with the
-    support set alone (Nichol et al. 2018), so no query sees another.
+    support set alone (Nichol et al. 2018), so no query sees another. ``batching`` is how a batch
+    of tasks runs: one after another (``loop``) or vectorised (``vmap``); ``auto`` is vmap on CUDA
+    and the loop on CPU. Both give the same numbers (the float64 tests of every algorithm).
     """
 
     eval_inner_steps = 0  # adaptation steps at meta-validation and meta-test
 
-    def __init__(self, model: nn.Module, task: str, transductive: bool = True):
+    def __init__(self, model: nn.Module, task: str, transductive: bool = True, batching: str = "auto"):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if batching not in BATCHING:
+            raise ValueError(f"algo.batching must be one of {BATCHING}, got {batching!r}")
         self.model = model
         self.task = task
         self.transductive = transductive
+        self.batching = batching
 
     def query_outputs(self, forward: Callable[[torch.Tensor], torch.Tensor], support_x: torch.Tensor,
                       query_x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +72,9 @@ class MetaAlgorithm(nn.Module):
 
     def uses_vmap(self, device: torch.device) -> bool:
         """Whether tasks run vectorised with torch.func.vmap on ``device`` (else one after another)."""
-        return False
+        if self.batching == "auto":
+            return device.type == "cuda"
+        return self.batching == "vmap"
 
     def meta_loss(self, episode: Episode, iteration: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss whose gradient the meta-optimiser follows, and detached metrics, for one batch of

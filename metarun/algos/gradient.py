@@ -10,18 +10,20 @@ monkey-patched, and one definition serves both execution paths:
 - ``vmap``: all tasks at once, inner gradients from ``torch.func.grad`` under ``torch.func.vmap``.
 
 ``batching="auto"`` picks vmap on CUDA (the team measured it about 12x faster than a per-task loop
-on an H100) and the loop on CPU (where benchmarks/bench_algos.py measures vmap about 2x slower).
+on an H100) and the loop on CPU. On CPU the faster path depends on the workload
+(benchmarks/bench_algos.py: vmap 2x faster with one query per class, 2x slower with fifteen).
 
-Subclasses change the algorithm through four small hooks: which parameters adapt (``adapts``), the
-learning rate of a parameter at a step (``inner_lr_of``), the network call at a step (``forward``)
-and the weights of the per-step query losses (``step_loss_weights``).
+Subclasses change the algorithm through five small hooks: which parameters adapt (``adapts``), the
+learning rate of a parameter at a step (``inner_lr_of``), the network call at a step (``forward``),
+the weights of the per-step query losses (``step_loss_weights``) and the derivative order at an
+iteration (``first_order_at``).
 """
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algos.base import BATCHING, MetaAlgorithm, task_loss, task_metric
+from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
 from metarun.data.episode import Episode
 
 Params = dict[str, torch.Tensor]
@@ -39,9 +41,7 @@ class GradientBased(MetaAlgorithm):
         batching: str = "auto",
         transductive: bool = True,
     ):
-        super().__init__(model, task, transductive)
-        if batching not in BATCHING:
-            raise ValueError(f"algo.batching must be one of {BATCHING}, got {batching!r}")
+        super().__init__(model, task, transductive, batching)
         if inner_steps < 1 or eval_inner_steps < 0:
             raise ValueError(f"algo.inner_steps must be at least 1 and algo.eval_inner_steps at least 0 "
                              f"(got {inner_steps}, {eval_inner_steps})")
@@ -49,12 +49,6 @@ class GradientBased(MetaAlgorithm):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
-        self.batching = batching
-
-    def uses_vmap(self, device: torch.device) -> bool:
-        if self.batching == "auto":
-            return device.type == "cuda"
-        return self.batching == "vmap"
 
     # -- hooks ------------------------------------------------------------------------------------
     def adapts(self, name: str) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from metarun.algos.base import BATCHING, MetaAlgorithm, task_metric
+from metarun.algos.base import MetaAlgorithm, task_metric
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 
@@ -41,15 +41,7 @@ class MetricBased(MetaAlgorithm):
         if isinstance(getattr(model, "head", None), nn.Linear):
             raise MetarunError(f"algo={self.config_name} needs a headless embedding network, but the model ends in a "
                                f"linear head: use model=conv4_embedding (or an experiment config)")
-        super().__init__(model, task, transductive)
-        if batching not in BATCHING:
-            raise ValueError(f"algo.batching must be one of {BATCHING}, got {batching!r}")
-        self.batching = batching
-
-    def uses_vmap(self, device: torch.device) -> bool:
-        if self.batching == "auto":
-            return device.type == "cuda"
-        return self.batching == "vmap"
+        super().__init__(model, task, transductive, batching)
 
     # -- one task, no task dimension --------------------------------------------------------------
     def embed(self, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from metarun.algos.base import BATCHING, MetaAlgorithm, task_loss, task_metric
+from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
 from metarun.data.episode import Episode
 
 Params = dict[str, torch.Tensor]
@@ -104,11 +104,9 @@ class Reptile(MetaAlgorithm):
         batching: str = "auto",
         transductive: bool = True,
     ):
-        super().__init__(model, task, transductive)
+        super().__init__(model, task, transductive, batching)
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"algo.inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
-        if batching not in BATCHING:
-            raise ValueError(f"algo.batching must be one of {BATCHING}, got {batching!r}")
         if not inner_lr > 0:
             raise ValueError(f"algo.inner_lr must be positive, got {inner_lr}")
         betas = tuple(float(b) for b in inner_betas)
@@ -127,12 +125,6 @@ class Reptile(MetaAlgorithm):
         self.inner_batch_size = inner_batch_size
         self.eval_inner_steps = eval_inner_steps
         self.eval_inner_batch_size = eval_inner_batch_size
-        self.batching = batching
-
-    def uses_vmap(self, device: torch.device) -> bool:
-        if self.batching == "auto":
-            return device.type == "cuda"
-        return self.batching == "vmap"
 
     # -- one task, no task dimension ------------------------------------------------------------
     def _forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:

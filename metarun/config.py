@@ -70,6 +70,7 @@ class Conv4Config:
     image_size: int = MISSING
     hidden: int = MISSING
     variant: str = MISSING
+    flatten: bool = False  # stride variant: flatten the final map instead of averaging it (Reptile)
 
 
 @dataclass
@@ -255,13 +256,22 @@ class EvalAlgoConfig:
 
 
 @dataclass
+class EvalTestConfig:
+    """The test protocol of ``metarun eval``; null means as in the checkpoint's run."""
+
+    episodes: Optional[int] = None
+    checkpoint: str = MISSING
+    eval_seed: Optional[int] = None
+
+
+@dataclass
 class EvalConfig:
     ckpt: str = MISSING
     batch_size: int = MISSING
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     algo: EvalAlgoConfig = field(default_factory=EvalAlgoConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    test: TestConfig = field(default_factory=TestConfig)
+    test: EvalTestConfig = field(default_factory=EvalTestConfig)
 
 
 def register_schemas() -> None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
-from metarun.train import build_experiment
+from metarun.train import build_experiment, protocol
 from metarun.utils.checkpoint import load_checkpoint
 from metarun.utils.display import progress_bar, results_table
 from metarun.utils.runtime import require_positive
@@ -30,7 +30,9 @@ def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
     """The checkpoint's config with this command's evaluation settings laid over it."""
     run = OmegaConf.create(saved)
     run.device = cfg.device
-    run.test = cfg.test
+    for key, value in cfg.test.items():
+        if value is not None:
+            run.test[key] = value
     for key in ("root", "cache_dir", "download", "url"):  # only where the data has files (not sinusoid)
         if key in run.data and not (key == "url" and cfg.data.url is None):
             run.data[key] = cfg.data[key]
@@ -44,18 +46,19 @@ def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> float:
-    require_positive(cfg, "batch_size", "test.episodes")
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)
     run = run_config(cfg, state["config"])
+    require_positive(OmegaConf.merge(run, {"batch_size": cfg.batch_size}), "batch_size", "test.episodes")
     _, data, algo = build_experiment(run)
     algo.load_state_dict(state["algo"])
-    log.info(f"evaluating {path} (iteration {state['iteration']}) on {cfg.test.episodes} test tasks")
+    log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks")
     with progress_bar() as progress:
-        test = meta_test(algo, data, "test", cfg.test.episodes, cfg.batch_size, algo.eval_inner_steps,
-                         cfg.test.eval_seed, progress)
+        test = meta_test(algo, data, "test", run.test.episodes, cfg.batch_size, algo.eval_inner_steps,
+                         run.test.eval_seed, progress)
     test["checkpoint"] = f"{path} (iteration {state['iteration']})"
     write_json(run_dir / "metrics.json", {"task": algo.task, "metric": algo.metric, "test": test,
+                                          "protocol": protocol(run, algo),
                                           "config": OmegaConf.to_container(run, resolve=True)})
     rich.print(results_table(f"{algo.__class__.__name__}: {path}", algo.metric, test, None))
     return test[algo.metric]

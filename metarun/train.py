@@ -49,6 +49,13 @@ def build_experiment(cfg: DictConfig):
             f"model {cfg.model._target_} does not fit data {cfg.data._target_} ({str(e).splitlines()[0]}): "
             f"choose the model made for this data (model=conv4 for images, model=mlp for sinusoid)"
         ) from None
+    train_ways, ways = cfg.data.get("train_ways"), cfg.data.get("ways")
+    if train_ways is not None and train_ways != ways and cfg.model.get("out_features") is not None:
+        raise MetarunError(
+            f"data.train_ways={train_ways} differs from data.ways={ways}, but the network ends in a {ways}-way head: "
+            f"only the metric-based algorithms (algo=protonet, algo=matchingnet with model=conv4_embedding) train "
+            f"on other ways than they test on"
+        )
     algo = build(cfg.algo, model=model, task=data.task)
     return device, data.to(device), algo.to(device)
 
@@ -106,6 +113,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     better = (lambda a, b: a > b) if algo.metric == "accuracy" else (lambda a, b: a < b)
     optimizer = build(cfg.optimizer)(algo.parameters())
     scheduler = build(cfg.scheduler)(optimizer)  # stepped once per meta-iteration
+    algo.check_optimizer(optimizer)
     tasks_rng = torch.Generator().manual_seed(cfg.seed)  # the training task stream; saved in checkpoints
     ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
     iteration, best, history, seconds = 0, None, [], 0.0
@@ -114,6 +122,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     if (ckpt_dir / "last.pt").exists():
         state = load_checkpoint(ckpt_dir / "last.pt")
         check_resumable(state["config"], cfg, ckpt_dir / "last.pt")
+        if "scheduler" not in state:
+            raise MetarunError(f"{ckpt_dir / 'last.pt'} was written by an older metarun without the learning-rate "
+                               f"schedule's state: it cannot be resumed exactly, start a new run directory")
         algo.load_state_dict(state["algo"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

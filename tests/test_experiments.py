@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metarun.config import conf_dir
+from metarun.errors import MetarunError
 from metarun.train import build_experiment, train
 from metarun.utils.runtime import build
 from support import compose_config, omniglot_location, read_metrics
@@ -33,7 +34,7 @@ def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_d
     device, data, algo = build_experiment(cfg)
     assert type(algo).__name__ == ALGORITHMS[algo_name]
     optimizer = build(cfg.optimizer)(algo.parameters())
-    scheduler = build(cfg.scheduler)(optimizer)
+    build(cfg.scheduler)(optimizer)
     assert optimizer.param_groups[0]["lr"] == cfg.train.meta_lr
     episode = data.sample("test", 2, torch.Generator().manual_seed(0))
     if "_omniglot_" in name:
@@ -43,8 +44,25 @@ def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_d
         assert cfg.data.shots == int(data_name[1:]) == episode.support_x.shape[1]
     result = algo.evaluate(episode, 1 if algo.eval_inner_steps else 0)  # the network runs on the test tasks
     assert torch.isfinite(result).all()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_takes_a_meta_training_step(name, shared_data_root, omniglot_cache_dir):
+    # The training tasks can differ from the test tasks (train_ways, train_shots, train_queries):
+    # one real meta-iteration on them, with a narrow network to keep it cheap.
+    small = ["model.hidden=8"] if "_omniglot_" in name and not name.startswith("maml_fc") else []
+    where = omniglot_location(shared_data_root, omniglot_cache_dir) if "_omniglot_" in name else []
+    cfg = compose_config([f"experiment={name}", *small, *where])
+    _, data, algo = build_experiment(cfg)
+    optimizer = build(cfg.optimizer)(algo.parameters())
+    scheduler = build(cfg.scheduler)(optimizer)
+    before = [p.detach().clone() for p in algo.parameters()]
+    loss, metrics = algo.meta_loss(data.sample("train", 2, torch.Generator().manual_seed(0)), 0)
+    loss.backward()
     optimizer.step()
     scheduler.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, algo.parameters()))
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -55,6 +73,7 @@ def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_d
     ("reptile_omniglot_5w1s", {"optimizer._target_": "torch.optim.SGD", "train.meta_lr": 1.0,
                                "scheduler._target_": "torch.optim.lr_scheduler.LinearLR", "scheduler.end_factor": 0.0,
                                "data.train_shots": 10, "algo.inner_betas": [0.0, 0.999], "algo.transductive": False,
+                               "model.flatten": True,
                                "test.episodes": 10000, "data.split": "nichol", "train.meta_batch_size": 5}),
     ("protonet_omniglot_5w1s", {"data.train_ways": 60, "data.train_queries": 5, "model.out_features": None,
                                 "model.variant": "maxpool", "scheduler.step_size": 2000, "scheduler.gamma": 0.5,
@@ -90,3 +109,22 @@ def test_protocol_is_recorded_in_metrics_and_hparams(tmp_path, shared_data_root,
     hparams = EventAccumulator(str(tmp_path / "tb")).Reload().PluginTagToContent("hparams")
     start = hparams["_hparams_/session_start_info"]
     assert b"protocol.batch_norm" in start and b"non-transductive" in start and b"protocol.train_shots" in start
+
+
+def test_settings_that_cannot_train_are_one_line_errors(shared_data_root, omniglot_cache_dir):
+    where = omniglot_location(shared_data_root, omniglot_cache_dir)
+    with pytest.raises(MetarunError, match="data.train_ways=10 differs from data.ways=5"):
+        build_experiment(compose_config(["algo=maml", "data.train_ways=10", *where]))
+    _, data, algo = build_experiment(compose_config(["algo=maml", "model.hidden=8", "data.train_queries=0", *where]))
+    with pytest.raises(MetarunError, match="set data.train_queries to at least 1"):
+        algo.meta_loss(data.sample("train", 1, torch.Generator().manual_seed(0)))
+
+
+def test_reptile_warns_when_the_meta_optimiser_is_not_its_outer_step(caplog):
+    cfg = compose_config(["algo=reptile", "data=sinusoid", "model=mlp"])
+    algo = build(cfg.algo, model=build(cfg.model), task="regression")
+    with caplog.at_level("WARNING", logger="metarun"):
+        algo.check_optimizer(torch.optim.SGD(algo.parameters(), lr=1.0))
+        assert not caplog.records
+        algo.check_optimizer(torch.optim.Adam(algo.parameters(), lr=1e-3))
+    assert "optimizer=sgd train.meta_lr=1.0 scheduler=linear" in caplog.text

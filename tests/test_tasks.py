@@ -155,3 +155,44 @@ def test_splits_and_test_tasks_are_pinned(tasks, split, digest, first_tasks):
     classes = b"".join(source.samplers[n].classes.numpy().tobytes() for n in ("train", "val", "test"))
     assert hashlib.sha256(classes).hexdigest()[:16] == digest
     assert next(source.fixed_episodes("test", 600, 600, 0)).classes[:3].tolist() == first_tasks
+
+
+@pytest.mark.parametrize("split,sizes,rotated", [
+    ("mamlpp", (1150, 50, 423), ()),
+    ("snell", (4112, 688, 1692), ("train", "val", "test")),
+    ("nichol", (4400, 100, 423), ("train",)),
+])
+def test_rotation_splits(tasks, omniglot, split, sizes, rotated):
+    source = tasks(split)
+    samplers = source.samplers
+    assert tuple(len(samplers[n].classes) for n in ("train", "val", "test")) == sizes
+    characters = {n: set(samplers[n].classes.tolist()) for n in samplers}
+    assert not (characters["train"] & characters["val"]) and not (characters["train"] & characters["test"])
+    assert not (characters["val"] & characters["test"])
+    assert characters["test"] == set(tasks("maml").samplers["test"].classes.tolist())  # one shared test set
+    for name, sampler in samplers.items():
+        if name in rotated:  # every character appears as four classes, one per quarter turn
+            assert sampler.turns is not None and len(set(sampler.class_ids.tolist())) == 4 * len(characters[name])
+        else:
+            assert sampler.turns is None
+    # The images of a rotated class are its character turned by that class's fixed rotation.
+    name = rotated[0] if rotated else "train"
+    ep = source.sample(name, 2, torch.Generator().manual_seed(3))
+    for t in range(2):
+        for label in range(5):
+            cls = ep.classes[t, label].item()
+            char, turn = (cls // 4, cls % 4) if rotated else (cls, None)
+            found = find_source(ep.support_x[t, label, 0], omniglot, char)
+            assert found is not None and (turn is None or found[1] == turn)
+
+
+def test_training_tasks_can_differ_from_test_tasks(shared_data_root, omniglot_cache_dir):
+    source = OmniglotTasks(5, 1, 2, "snell", str(shared_data_root), cache_dir=str(omniglot_cache_dir), download=False,
+                           train_ways=20, train_shots=3, train_queries=0)
+    train = source.sample("train", 2, torch.Generator().manual_seed(0))
+    test = source.sample("test", 2, torch.Generator().manual_seed(0))
+    assert train.support_x.shape == (2, 60, 1, 28, 28) and train.query_x.shape == (2, 0, 1, 28, 28)
+    assert test.support_x.shape == (2, 5, 1, 28, 28) and test.query_x.shape == (2, 10, 1, 28, 28)
+    with pytest.raises(DataError, match="data.train_shots \\+ data.train_queries = 21"):
+        OmniglotTasks(5, 1, 1, "maml", str(shared_data_root), cache_dir=str(omniglot_cache_dir), download=False,
+                      train_shots=20, train_queries=1)

@@ -106,7 +106,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 @pytest.mark.parametrize("kind", ["omniglot", "sinusoid"])
 def test_eval_reproduces_the_test_numbers_of_the_run(tmp_path, omniglot_overrides, shared_data_root, omniglot_cache_dir, kind):
     run(tmp_path / "run", omniglot_overrides if kind == "omniglot" else TINY_SINUSOID + ["test.episodes=6"])
-    cfg = compose_config([f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "test.episodes=6", "batch_size=4",
+    # No test settings on the command line: the run's own (6 episodes, its evaluation seed) apply.
+    cfg = compose_config([f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "batch_size=4",
                           f"data.root={shared_data_root}", f"data.cache_dir={omniglot_cache_dir}", "data.download=false"],
                          name="eval")
     (tmp_path / "eval").mkdir()
@@ -114,7 +115,8 @@ def test_eval_reproduces_the_test_numbers_of_the_run(tmp_path, omniglot_override
     got, want = read_metrics(tmp_path / "eval")["test"], read_metrics(tmp_path / "run")["test"]
     metric = "accuracy" if kind == "omniglot" else "mse"
     assert got[metric] == pytest.approx(want[metric], abs=1e-6)
-    assert got["per_step"] == pytest.approx(want["per_step"], abs=1e-6)
+    assert got["per_step"] == pytest.approx(want["per_step"], abs=1e-6) and got["episodes"] == 6
+    assert read_metrics(tmp_path / "eval")["protocol"] == read_metrics(tmp_path / "run")["protocol"]
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])

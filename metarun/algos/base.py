@@ -76,6 +76,9 @@ class MetaAlgorithm(nn.Module):
             return device.type == "cuda"
         return self.batching == "vmap"
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn when the meta-optimiser is not the one this algorithm's update is defined with."""
+
     def meta_loss(self, episode: Episode, iteration: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss whose gradient the meta-optimiser follows, and detached metrics, for one batch of
         tasks at meta-training iteration ``iteration`` (for schedules inside the algorithm)."""

@@ -25,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 
 from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
 from metarun.data.episode import Episode
+from metarun.errors import MetarunError
 
 Params = dict[str, torch.Tensor]
 
@@ -116,6 +117,9 @@ class GradientBased(MetaAlgorithm):
 
     # -- a batch of tasks -------------------------------------------------------------------------
     def meta_loss(self, episode: Episode, iteration: int = 0):
+        if episode.query_x.shape[1] == 0:
+            raise MetarunError("the meta-loss of gradient-based algorithms is a query loss, but the training tasks "
+                               "have no queries: set data.train_queries to at least 1")
         params = dict(self.model.named_parameters())
         weights, first_order = self.step_loss_weights(iteration), self.first_order_at(iteration)
         batch = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)

@@ -43,6 +43,7 @@ Example::
     torch.optim.SGD(algo.parameters(), lr=1.0).step()   # θ ← θ + 1.0 · (mean φ − θ)
 """
 
+import logging
 import math
 import zlib
 
@@ -203,6 +204,15 @@ class Reptile(MetaAlgorithm):
         return stack_tasks([fn(theta, *task, functional=False) for task in zip(*batch)])
 
     # -- a batch of tasks -------------------------------------------------------------------------
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        plain_sgd = isinstance(optimizer, torch.optim.SGD) and all(
+            g["momentum"] == 0 and g["weight_decay"] == 0 for g in optimizer.param_groups)
+        if not plain_sgd:
+            logging.getLogger("metarun").warning(
+                f"algo=reptile with {type(optimizer).__name__} as meta-optimiser is not Reptile's outer step "
+                f"theta += eps * (mean phi - theta): use optimizer=sgd train.meta_lr=1.0 scheduler=linear "
+                f"(or experiment=reptile_omniglot_5w1s)")
+
     def meta_loss(self, episode: Episode, iteration: int = 0):
         theta = dict(self.model.named_parameters())
         # Drawn from the global RNG (checkpointed by the trainer), outside vmap: both paths see these batches.

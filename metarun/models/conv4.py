@@ -6,6 +6,9 @@ Two variants, both 4 x [3x3 conv, batch norm, ReLU]:
 - ``maxpool``: the Vinyals/Snell/MAML-miniImageNet network: stride-1 convolutions, each block
   followed by 2x2 max-pooling, features flattened.
 
+``flatten=True`` flattens the strided network's final 2x2 map instead of averaging it (Nichol et
+al.'s Reptile network: 256 features on Omniglot).
+
 ``out_features=None`` leaves out the linear head: the network is then the embedding of the
 metric-based algorithms (ProtoNets, Matching Networks), 64-d on 28x28 Omniglot with max-pooling.
 """
@@ -26,11 +29,13 @@ class Conv4(nn.Module):
         hidden: int = 64,
         variant: str = "stride",
         image_size: int = 28,
+        flatten: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"model.variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
+        self.flatten = flatten or variant == "maxpool"
         stride = 2 if variant == "stride" else 1
         blocks = []
         for i in range(4):
@@ -51,7 +56,7 @@ class Conv4(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)
         # MAML's reference code averages the 2x2 map of the strided network; the pooled one flattens.
-        return h.mean(dim=(2, 3)) if self.variant == "stride" else h.flatten(1)
+        return h.flatten(1) if self.flatten else h.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self._embed(x))

@@ -46,10 +46,10 @@ def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> float:
+    require_positive(cfg, "batch_size", *(["test.episodes"] if cfg.test.episodes is not None else []))
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)
     run = run_config(cfg, state["config"])
-    require_positive(OmegaConf.merge(run, {"batch_size": cfg.batch_size}), "batch_size", "test.episodes")
     _, data, algo = build_experiment(run)
     algo.load_state_dict(state["algo"])
     log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks")

@@ -7,6 +7,7 @@ Hydra's ``.hydra/`` and ``train.log``. Rerunning with the same ``hydra.run.dir``
 """
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -187,7 +188,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                     history.append({"iteration": iteration, metric: val[metric], "ci95": val["ci95"]})
                     logger.log_scalars({f"val/{metric}": val[metric], f"val/{metric}_step0": val["per_step"][0]}, iteration)
                     log.info(f"iteration {iteration}: val {metric} {val[metric]:.4f} ± {val['ci95']:.4f}")
-                    if best is None or better(val[metric], best[metric]):
+                    if not math.isfinite(val[metric]):
+                        log.warning(f"iteration {iteration}: the validation {metric} is {val[metric]} (the adaptation "
+                                    f"diverged); this checkpoint cannot become the best one")
+                    if best is None or (math.isfinite(val[metric])
+                                        and (not math.isfinite(best[metric]) or better(val[metric], best[metric]))):
                         best = {**val, "iteration": iteration}
                         checkpoint("best.pt")
                     checkpoint("last.pt")

@@ -175,3 +175,23 @@ def test_loop_and_vmap_paths_agree_on_real_episodes(omniglot_overrides):
 def test_device_auto_picks_the_loop_on_cpu(omniglot_overrides):
     device, _, algo = build_experiment(compose_config(omniglot_overrides))
     assert algo.uses_vmap(device) == (device.type == "cuda")
+
+
+def test_a_diverged_validation_never_becomes_the_best_checkpoint(tmp_path, monkeypatch):
+    # Adaptation with more test steps than trained for can diverge (NaN MSE): the best checkpoint
+    # must be chosen among the finite validations, whichever came first.
+    import metarun.train as train_module
+
+    real, scripted = train_module.meta_test, iter([float("nan"), 0.5, float("nan"), 0.7])
+
+    def fake(algo, data, split, *args, **kwargs):
+        result = real(algo, data, split, *args, **kwargs)
+        if split == "val":
+            result["mse"] = next(scripted)
+        return result
+
+    monkeypatch.setattr(train_module, "meta_test", fake)
+    best = run(tmp_path, TINY_SINUSOID + ["train.iterations=8", "train.val_every=2"])
+    metrics = read_metrics(tmp_path)
+    assert best == 0.5 and metrics["val"]["iteration"] == 4
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["iteration"] == 4

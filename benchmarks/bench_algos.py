@@ -6,7 +6,8 @@ its network, ways, shots, queries, meta-batch and inner loop) on real episodes. 
 - ``reference``: the plain per-task loop, one task's meta-loss and one backward pass after another
   (what a per-task implementation costs; MAML's reference is the textbook loop, see bench_maml.py);
 - ``loop`` / ``vmap``: metarun's two execution paths, each over the whole meta-batch;
-- ``auto``: the path metarun picks on this device (the default).
+- ``auto``: the default; like ``metarun train``, it first times both paths on the first episode
+  (``tune_batching``, not counted) and keeps the faster.
 
 Variants are timed in interleaved rounds (so machine noise hits them alike) and the median round is
 reported, with the ratio ``reference / variant`` (above 1 is faster than the reference).
@@ -81,6 +82,9 @@ def time_algorithm(cfg, rounds, iteration):
         clone.batching = "loop" if name == "reference" else name
         optimizer = torch.optim.SGD(clone.parameters(), lr=1e-6)  # the optimiser step is not what is measured
         variants[name] = (reference_iteration if name == "reference" else meta_iteration)(clone, optimizer)
+        if name == "auto":
+            clone.tune_batching(episodes[0], iteration)
+            auto_path = clone.path(device)
     times = {name: [] for name in variants}
     for r in range(rounds + 1):  # round 0 warms up
         for name, step in variants.items():
@@ -90,7 +94,7 @@ def time_algorithm(cfg, rounds, iteration):
             sync(device)
             if r:
                 times[name].append(time.perf_counter() - tic)
-    return {name: statistics.median(t) for name, t in times.items()}, ("vmap" if algo.uses_vmap(device) else "loop")
+    return {name: statistics.median(t) for name, t in times.items()}, auto_path
 
 
 def main():

@@ -45,13 +45,20 @@ def sync(device):
 
 
 def metarun_step(batching):
+    """``auto`` times both paths at its first (warm-up) call and keeps the faster, as ``metarun train``."""
     def step(model, optimizer, episode):
         algo = MAML(model, "classification", inner_lr=INNER_LR, inner_steps=1, batching=batching)
+        if batching == "auto":
+            if step.path is None:
+                algo.tune_batching(episode)
+                step.path = algo.tuned_batching
+            algo.tuned_batching = step.path
         loss, _ = algo.meta_loss(episode)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
+    step.path = None
     return step
 
 
@@ -156,7 +163,7 @@ def main():
     seconds = time_rounds(variants, episodes, device, args.rounds)
 
     console = Console()
-    auto = "vmap" if device.type == "cuda" else "loop"
+    auto = variants["auto"].path
     table = Table(title=f"MAML meta-iteration, Omniglot {WAYS}-way {SHOTS}-shot, {QUERIES} queries, "
                         f"meta-batch {TASKS}, 1 inner step, {device} ({torch.get_num_threads()} threads)")
     for column in ("variant", "ms / iteration", "iterations / s", "speed vs reference"):

@@ -52,6 +52,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     run = run_config(cfg, state["config"])
     _, data, algo = build_experiment(run)
     algo.load_state_dict(state["algo"])
+    algo.tuned_batching = state.get("batching")  # auto: the path the run took
     log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks")
     with progress_bar() as progress:
         test = meta_test(algo, data, "test", run.test.episodes, cfg.batch_size, algo.eval_inner_steps,

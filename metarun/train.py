@@ -135,18 +135,27 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         iteration, best, history, seconds = state["iteration"], state["best"], state["history"], state["seconds"]
         log.info(f"resuming from {ckpt_dir / 'last.pt'} at iteration {iteration}")
+        algo.tuned_batching = state.get("batching")  # keep the path the run took (auto), for the same numbers
+
+    tuning = {}
+    if algo.batching == "auto" and algo.tuned_batching is None:
+        # Time both execution paths on the first training meta-batch (drawn from a copy of the task
+        # stream, so the run itself is unchanged) and keep the faster one for the whole run.
+        probe = data.sample("train", cfg.train.meta_batch_size, torch.Generator().set_state(tasks_rng.get_state()))
+        tuning = algo.tune_batching(probe, iteration)
 
     def checkpoint(name: str) -> None:
         save_checkpoint(ckpt_dir / name, {
             "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
+            "scheduler": scheduler.state_dict(), "batching": algo.path(device), "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
             "config": OmegaConf.to_container(cfg, resolve=True), "hydra": record,
             "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
         })
 
     print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
-    log.info(f"run directory: {run_dir}  device: {device}  batching: {'vmap' if algo.uses_vmap(device) else 'loop'}  "
+    timed = f" (auto: {', '.join(f'{k} {1000 * v:.0f} ms' for k, v in tuning.items())} per meta-gradient)" if tuning else ""
+    log.info(f"run directory: {run_dir}  device: {device}  batching: {algo.path(device)}{timed}  "
              + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))
     # Hide what a stopped attempt logged after its checkpoint; what it logged up to it stays.
     logger = TensorBoardLogger(tb_dir, purge_step=iteration + 1 if iteration else None)
@@ -226,6 +235,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "task": algo.task, "metric": metric,
         "test": test, "val": {**best, "history": history},
         "iterations": iteration, "seconds": round(seconds, 3),
+        "batching": {"setting": algo.batching, "path": algo.path(device)},
         "protocol": protocol(cfg, algo),
     }
     write_json(run_dir / "metrics.json", results)

@@ -1,11 +1,13 @@
 """Tier 3, in process: what a run writes, exact resume, failures that keep the last good state."""
 
 import math
+import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from metarun.algos.base import MetaAlgorithm
 from metarun.data.sinusoid import SinusoidTasks
 from metarun.errors import MetarunError
 from metarun.evaluate import evaluate
@@ -59,7 +61,8 @@ def test_continued_run_ends_with_the_numbers_of_an_uninterrupted_one(tmp_path, o
     # Runs killed mid-interval (SIGINT, SIGKILL) are resumed in test_cli; this one continues from a checkpoint.
     # The sinusoid run decays its learning rate every iteration: resuming must restore the schedule too.
     base = omniglot_overrides if kind == "omniglot" else TINY_SINUSOID + ["scheduler=step", "scheduler.step_size=1"]
-    base = base + ["train.iterations=6", "train.val_every=2"]
+    # batching=vmap fixed: two runs tuned apart (auto) could take different paths (see the test below).
+    base = base + ["algo.batching=vmap", "train.iterations=6", "train.val_every=2"]
     run(tmp_path / "whole", base)
     # The first attempt stops at iteration 2 (its last.pt), the second continues in the same directory.
     run(tmp_path / "resumed", base[:-2] + ["train.iterations=2", "train.val_every=2"])
@@ -91,7 +94,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         episode = original(self, split, drawn)
         if split == "train":
             calls["train"] += 1
-            if calls["train"] == 5:  # after the checkpoint at iteration 3
+            if calls["train"] == 6:  # iteration 5, after the checkpoint at 3 (draw 1 is batching=auto's probe)
                 episode.query_y[:] = math.nan
         return episode
 
@@ -172,9 +175,53 @@ def test_loop_and_vmap_paths_agree_on_real_episodes(omniglot_overrides):
     torch.testing.assert_close(evaluation["loop"], evaluation["vmap"])
 
 
-def test_device_auto_picks_the_loop_on_cpu(omniglot_overrides):
+def test_untuned_auto_is_vmap_on_cuda_and_the_loop_on_cpu(omniglot_overrides):
     device, _, algo = build_experiment(compose_config(omniglot_overrides))
     assert algo.uses_vmap(device) == (device.type == "cuda")
+
+
+@pytest.mark.parametrize("slow", ["loop", "vmap"])
+def test_tuning_keeps_the_faster_path_and_changes_nothing(omniglot_overrides, monkeypatch, slow):
+    _, data, algo = build_experiment(compose_config(omniglot_overrides))
+    episode = data.sample("train", 2, torch.Generator().manual_seed(0))
+    real = type(algo).meta_loss
+
+    def meta_loss(self, *args):  # the slow path takes an extra 50 ms
+        if self.path(episode.support_x.device) == slow:
+            time.sleep(0.05)
+        return real(self, *args)
+
+    monkeypatch.setattr(type(algo), "meta_loss", meta_loss)
+    params = {k: v.clone() for k, v in algo.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = algo.tune_batching(episode)
+    assert set(seconds) == {"loop", "vmap"} and seconds[slow] > 0.05
+    assert algo.tuned_batching == ({"loop", "vmap"} - {slow}).pop()
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in algo.parameters())
+    assert all(torch.equal(v, params[k]) for k, v in algo.state_dict().items())
+    algo.batching = "loop"
+    assert algo.tune_batching(episode) == {} and algo.path(torch.device("cpu")) == "loop"
+
+
+def test_auto_run_equals_a_run_fixed_to_the_path_it_chose_and_resumes_on_it(tmp_path, monkeypatch):
+    # Reptile draws its inner mini-batches from the global RNG: tuning must not consume it.
+    base = TINY_SINUSOID + ["algo=reptile", "algo.inner_iterations=2", "optimizer=sgd", "train.meta_lr=0.5"]
+    run(tmp_path / "auto", base)
+    chosen = read_metrics(tmp_path / "auto")["batching"]
+    assert chosen["setting"] == "auto" and chosen["path"] in ("loop", "vmap")
+    assert load_checkpoint(tmp_path / "auto" / "checkpoints" / "last.pt")["batching"] == chosen["path"]
+    run(tmp_path / "fixed", base + [f"algo.batching={chosen['path']}"])
+    auto, fixed = without_timing(read_metrics(tmp_path / "auto")), without_timing(read_metrics(tmp_path / "fixed"))
+    assert auto.pop("batching")["path"] == fixed.pop("batching")["path"] and auto == fixed
+
+    # A resumed auto run takes the path its checkpoint records, without tuning again.
+    run(tmp_path / "resumed", base + ["train.iterations=3", "train.val_every=3"])
+    state = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    state["batching"] = other = {"loop": "vmap", "vmap": "loop"}[state["batching"]]
+    save_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt", state)
+    monkeypatch.setattr(MetaAlgorithm, "tune_batching", lambda *a: pytest.fail("a resumed run tuned again"))
+    run(tmp_path / "resumed", base)
+    assert read_metrics(tmp_path / "resumed")["batching"]["path"] == other
 
 
 def test_a_diverged_validation_never_becomes_the_best_checkpoint(tmp_path, monkeypatch):

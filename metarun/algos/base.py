@@ -6,6 +6,7 @@ algorithm-blind. An algorithm is an ``nn.Module`` that owns its network and anyt
 meta-learns, so one optimiser over ``algo.parameters()`` and one ``state_dict`` cover it all.
 """
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,12 @@ def task_metric(output: torch.Tensor, target: torch.Tensor, task: str) -> torch.
     return F.mse_loss(output, target)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def metric_name(task: str) -> str:
     return "accuracy" if task == "classification" else "mse"
 
@@ -42,8 +49,11 @@ class MetaAlgorithm(nn.Module):
     ``transductive`` is the batch-norm protocol for query sets: True normalises all queries of a
     task as one batch (MAML's reference code); False normalises each query in a batch with the
     support set alone (Nichol et al. 2018), so no query sees another. ``batching`` is how a batch
-    of tasks runs: one after another (``loop``) or vectorised (``vmap``); ``auto`` is vmap on CUDA
-    and the loop on CPU. Both give the same numbers (the float64 tests of every algorithm).
+    of tasks runs: one after another (``loop``) or vectorised (``vmap``). Both give the same numbers
+    (the float64 tests of every algorithm), but which is faster depends on the device and the
+    protocol (vmap gains most where each task is small), so ``auto`` times both on the run's first
+    meta-batch and keeps the faster one (``tune_batching``), as ``cudnn.benchmark`` does for kernels.
+    Until tuned, ``auto`` means vmap on CUDA and the loop on CPU.
     """
 
     eval_inner_steps = 0  # adaptation steps at meta-validation and meta-test
@@ -58,6 +68,7 @@ class MetaAlgorithm(nn.Module):
         self.task = task
         self.transductive = transductive
         self.batching = batching
+        self.tuned_batching: str | None = None  # the path ``auto`` chose (tune_batching or a checkpoint)
 
     def query_outputs(self, forward: Callable[[torch.Tensor], torch.Tensor], support_x: torch.Tensor,
                       query_x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +81,46 @@ class MetaAlgorithm(nn.Module):
     def metric(self) -> str:
         return metric_name(self.task)
 
+    def path(self, device: torch.device) -> str:
+        """The execution path a batch of tasks takes on ``device``: ``loop`` or ``vmap``."""
+        if self.batching != "auto":
+            return self.batching
+        if self.tuned_batching is not None:
+            return self.tuned_batching
+        return "vmap" if device.type == "cuda" else "loop"
+
     def uses_vmap(self, device: torch.device) -> bool:
         """Whether tasks run vectorised with torch.func.vmap on ``device`` (else one after another)."""
-        if self.batching == "auto":
-            return device.type == "cuda"
-        return self.batching == "vmap"
+        return self.path(device) == "vmap"
+
+    def tune_batching(self, episode: Episode, iteration: int = 0, repeats: int = 2) -> dict[str, float]:
+        """For ``batching="auto"``: time one meta-gradient (``meta_loss`` and its backward pass) of
+        ``episode`` on each path, keep the faster in ``tuned_batching``, and return the seconds each
+        took (best of ``repeats``, after one warm-up). Parameters, their ``.grad`` and the random
+        number streams are left as they were, so tuning changes no number of the run. A path that
+        runs out of GPU memory loses. Does nothing for a fixed ``batching``."""
+        if self.batching != "auto":
+            return {}
+        device = episode.support_x.device
+        params = [p for p in self.parameters() if p.requires_grad]
+        seconds = {path: float("inf") for path in ("loop", "vmap")}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for path in ("loop", "vmap"):
+                self.tuned_batching = path
+                try:
+                    for attempt in range(repeats + 1):
+                        synchronize(device)
+                        tic = time.perf_counter()
+                        loss, _ = self.meta_loss(episode, iteration)
+                        torch.autograd.grad(loss, params, allow_unused=True)
+                        synchronize(device)
+                        if attempt:
+                            seconds[path] = min(seconds[path], time.perf_counter() - tic)
+                except torch.OutOfMemoryError:
+                    seconds[path] = float("inf")
+                    torch.cuda.empty_cache()
+        self.tuned_batching = min(seconds, key=seconds.get)
+        return seconds
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Warn when the meta-optimiser is not the one this algorithm's update is defined with."""

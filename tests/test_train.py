@@ -1,5 +1,6 @@
 """Tier 3, in process: what a run writes, exact resume, failures that keep the last good state."""
 
+import json
 import math
 import time
 
@@ -241,4 +242,7 @@ def test_a_diverged_validation_never_becomes_the_best_checkpoint(tmp_path, monke
     best = run(tmp_path, TINY_SINUSOID + ["train.iterations=8", "train.val_every=2"])
     metrics = read_metrics(tmp_path)
     assert best == 0.5 and metrics["val"]["iteration"] == 4
+    # The diverged validations are null in metrics.json, which stays standard JSON.
+    assert [h["mse"] for h in metrics["val"]["history"]] == [None, 0.5, None, 0.7]
+    json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["iteration"] == 4

@@ -1,6 +1,7 @@
 """Files that appear whole or not at all: checkpoints, metrics, the decoded-data cache."""
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,7 +39,19 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
         raise
 
 
+def strict_json(value):
+    """``value`` with every non-finite float (a diverged metric) as None: standard JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: dict) -> None:
+    """Standard JSON (``jq`` and every parser read it): non-finite numbers are written as null."""
     with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(strict_json(data), f, indent=2, allow_nan=False)
         f.write("\n")

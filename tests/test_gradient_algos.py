@@ -34,21 +34,21 @@ def reference(params, forward, loss_fn, episode, steps, update, create_graph=Tru
 
 
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
-@pytest.mark.parametrize("steps", [1, 2])
-def test_anil_meta_gradient_matches_reference(batching, steps):
+@pytest.mark.parametrize("steps,first_order", [(1, False), (2, False), (2, True)])
+def test_anil_meta_gradient_matches_reference(batching, steps, first_order):
     torch.manual_seed(0)
     model = Conv4(out_features=WAYS, hidden=4).double()
-    algo = ANIL(model, "classification", inner_lr=0.4, inner_steps=steps, batching=batching)
+    algo = ANIL(model, "classification", inner_lr=0.4, inner_steps=steps, first_order=first_order, batching=batching)
     episode = image_episode()
     params = dict(model.named_parameters())
     head_only = lambda k, v, g: v - 0.4 * g if k.startswith("head.") else None  # noqa: E731
-    want = torch.autograd.grad(reference(params, conv4_reference_forward, F.cross_entropy, episode, steps, head_only),
-                               list(params.values()))
+    want = torch.autograd.grad(reference(params, conv4_reference_forward, F.cross_entropy, episode, steps, head_only,
+                                         create_graph=not first_order), list(params.values()))
     got = torch.autograd.grad(algo.meta_loss(episode)[0], list(params.values()))
     assert relative_error(got, want) < 1e-9
     # The body is meta-learned (through the query loss) but not adapted: its meta-gradient differs from MAML's.
-    maml = torch.autograd.grad(MAML(model, "classification", inner_lr=0.4, inner_steps=steps).meta_loss(episode)[0],
-                               list(params.values()))
+    maml = MAML(model, "classification", inner_lr=0.4, inner_steps=steps, first_order=first_order)
+    maml = torch.autograd.grad(maml.meta_loss(episode)[0], list(params.values()))
     assert relative_error(got[:-2], maml[:-2]) > 1e-3
 
 
@@ -59,19 +59,24 @@ def test_anil_pattern_is_checked():
         ANIL(Conv4(out_features=WAYS, hidden=4), "classification", adapt="(")
 
 
-def metasgd_reference_grad(algo, forward, loss_fn, episode, steps):
+def metasgd_reference_grad(algo, forward, loss_fn, episode, steps, first_order=False):
+    """First order: the inner gradients are constants, but the rates still get a meta-gradient
+    through the query loss (d fast / d rate = -grad)."""
     params = dict(algo.model.named_parameters())
     rates = dict(zip(params, algo.lrs))
-    loss = reference(params, forward, loss_fn, episode, steps, lambda k, v, g: v - rates[k] * g)
+    loss = reference(params, forward, loss_fn, episode, steps, lambda k, v, g: v - rates[k] * g,
+                     create_graph=not first_order)
     return torch.autograd.grad(loss, list(params.values()) + list(algo.lrs))
 
 
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
-def test_metasgd_meta_gradient_matches_reference_conv4(batching):
+@pytest.mark.parametrize("first_order", [False, True])
+def test_metasgd_meta_gradient_matches_reference_conv4(batching, first_order):
     torch.manual_seed(0)
-    algo = MetaSGD(Conv4(out_features=WAYS, hidden=4).double(), "classification", inner_steps=2, batching=batching)
+    algo = MetaSGD(Conv4(out_features=WAYS, hidden=4).double(), "classification", inner_steps=2,
+                   first_order=first_order, batching=batching)
     episode = image_episode()
-    want = metasgd_reference_grad(algo, conv4_reference_forward, F.cross_entropy, episode, 2)
+    want = metasgd_reference_grad(algo, conv4_reference_forward, F.cross_entropy, episode, 2, first_order)
     got = torch.autograd.grad(algo.meta_loss(episode)[0], list(algo.model.parameters()) + list(algo.lrs))
     assert relative_error(got, want) < 1e-9
     assert all(g.abs().sum() > 0 for g in got[len(got) // 2:])  # the learning rates are meta-learned

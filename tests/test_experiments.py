@@ -1,5 +1,6 @@
 """Tier 1 for conf/experiment/: every paper protocol composes, builds what it says, and is recorded."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,37 @@ from support import compose_config, omniglot_location, read_metrics
 
 EXPERIMENTS = sorted(p.stem for p in (Path(conf_dir()) / "experiment").glob("*.yaml"))
 ALGORITHMS = {"maml": "MAML", "fomaml": "MAML", "maml_fc": "MAML", "anil": "ANIL", "metasgd": "MetaSGD",
-              "mamlpp": "MAMLpp", "reptile": "Reptile", "protonet": "ProtoNet", "matchingnet": "MatchingNet"}
+              "mamlpp": "MAMLpp", "reptile": "Reptile", "reptile_transductive": "Reptile", "protonet": "ProtoNet", "matchingnet": "MatchingNet"}
 
 
-def test_every_setting_of_protocols_md_has_a_config():
-    omniglot = [f"{a}_omniglot_{w}w{s}s" for a in ("maml", "fomaml", "metasgd", "mamlpp", "reptile", "protonet",
-                                                   "matchingnet") for w, s in ((5, 1), (5, 5), (20, 1), (20, 5))]
-    omniglot += ["maml_fc_omniglot_5w1s", "maml_fc_omniglot_5w5s", "anil_omniglot_20w1s", "anil_omniglot_20w5s"]
-    sinusoid = [f"{a}_sinusoid_k{k}" for a in ("maml", "metasgd") for k in (5, 10, 20)]
-    assert sorted(omniglot + sinusoid) == EXPERIMENTS
+# PROTOCOLS.md's method names (its Omniglot table rows, parentheses dropped) -> config name prefixes.
+METHODS = {"MAML, Conv4": "maml", "MAML, fully connected": "maml_fc", "first-order MAML + transduction": "fomaml",
+           "Reptile": "reptile", "Reptile + transduction": "reptile_transductive", "Meta-SGD": "metasgd",
+           "MAML++": "mamlpp", "Prototypical Networks": "protonet", "Matching Networks": "matchingnet", "ANIL": "anil"}
+
+
+def protocol_settings(text: str) -> list[str]:
+    """The config names PROTOCOLS.md calls for: every Omniglot table cell with a published number
+    (columns like 5w1s), and MAML and Meta-SGD at every K of the sinusoid comparison."""
+    omniglot = text.split("## Omniglot", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in omniglot.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    header, names = rows[0], []
+    for method, *cells in rows[1:]:
+        prefix = METHODS[re.sub(r"\s*\(.*?\)", "", method)]  # a new method in PROTOCOLS.md fails here
+        names += [f"{prefix}_omniglot_{column}" for column, cell in zip(header[1:], cells) if cell not in ("–", "-", "")]
+    sinusoid = text.split("## Sinusoid", 1)[1].split("\n## ", 1)[0]
+    names += [f"{a}_sinusoid_k{k}" for a in ("maml", "metasgd") for k in sorted(set(re.findall(r"K=(\d+)", sinusoid)))]
+    return sorted(names)
+
+
+def test_every_setting_of_protocols_md_has_a_config(shared_data_root):
+    path = shared_data_root.parent / "PROTOCOLS.md"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the experiment configs are checked against it", pytrace=False)
+    wanted = protocol_settings(path.read_text())
+    assert len(wanted) >= 40  # the parser found the tables
+    assert wanted == EXPERIMENTS
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -63,6 +86,14 @@ def test_experiment_takes_a_meta_training_step(name, shared_data_root, omniglot_
     scheduler.step()
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, algo.parameters()))
+
+
+@pytest.mark.parametrize("setting", ["5w1s", "5w5s", "20w1s", "20w5s"])
+def test_reptile_transduction_changes_only_the_batch_norm_mode(setting):
+    plain = OmegaConf.to_container(compose_config([f"experiment=reptile_omniglot_{setting}"]))
+    transductive = OmegaConf.to_container(compose_config([f"experiment=reptile_transductive_omniglot_{setting}"]))
+    assert (plain["algo"].pop("transductive"), transductive["algo"].pop("transductive")) == (False, True)
+    assert plain == transductive
 
 
 @pytest.mark.parametrize("name,expected", [

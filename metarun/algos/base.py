@@ -116,7 +116,7 @@ class MetaAlgorithm(nn.Module):
                         synchronize(device)
                         if attempt:
                             seconds[path] = min(seconds[path], time.perf_counter() - tic)
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError is newer than torch 2.4)
                     seconds[path] = float("inf")
                     torch.cuda.empty_cache()
         self.tuned_batching = min(seconds, key=seconds.get)

@@ -18,7 +18,7 @@ declare -A RUNS=(
   [matchingnet_omniglot_5w1s]="train.iterations=450 train.val_every=150"
   [anil_omniglot_20w1s]="train.iterations=500 train.val_every=125"
   [mamlpp_omniglot_5w1s]="train.iterations=500 train.val_every=125 algo.msl_iterations=50"
-  [maml_omniglot_5w1s]="train.iterations=900 train.val_every=150"
+  [maml_omniglot_5w1s]="train.iterations=1650 train.val_every=150"
   [maml_sinusoid_k5]="train.iterations=10000"
   [metasgd_sinusoid_k5]="train.iterations=10000"
   [maml_sinusoid_k10]="train.iterations=10000"

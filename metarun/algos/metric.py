@@ -5,8 +5,8 @@ headless network and classifies each query by a differentiable comparison with t
 support embeddings. A subclass defines that comparison (``task_log_probs``); this module owns the
 rest: the checks on the task and network, the embedding under the batch-norm protocol, the
 cross-entropy on the queries, and running a batch of tasks one after another (``loop``) or all
-at once with ``torch.func.vmap`` (``vmap``; ``auto`` = vmap on CUDA, the loop on CPU, as in
-``metarun.algos.gradient``).
+at once with ``torch.func.vmap`` (``vmap``; ``auto`` times both and keeps the faster, as in
+``metarun.algos.base``).
 
 Batch norm (``transductive``):
 

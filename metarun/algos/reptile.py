@@ -17,7 +17,7 @@ have queries, else those of each task's last inner mini-batch (``data.train_quer
 Mini-batches follow the reference ``_mini_batches``: a random permutation of the task's examples,
 cut into batches, reshuffled when exhausted (a batch may straddle two permutations). The orders
 are drawn outside any vmap and gathered inside, so the ``loop`` and ``vmap`` paths (``batching``,
-``auto`` = vmap on CUDA) see the same batches: at meta-training from torch's global RNG (which
+``auto`` picks one) see the same batches: at meta-training from torch's global RNG (which
 checkpoints save and restore), at evaluation from generators seeded by each task's support set, so
 a task scores the same in any batch, on either path and in every call (``metarun eval`` reproduces
 a run's test numbers) and validation never shifts the training stream.

@@ -84,14 +84,19 @@ class MLPConfig:
 
 # -- algorithms --------------------------------------------------------------------------------
 @dataclass
-class MAMLConfig:
+class AlgoConfig:
+    """What every algorithm takes: how a batch of tasks runs, and the batch-norm protocol."""
     _target_: str = MISSING
+    batching: str = MISSING  # auto (time both paths, keep the faster), loop or vmap
+    transductive: bool = MISSING  # batch norm over all of a task's queries at once, or each with the support set
+
+
+@dataclass
+class MAMLConfig(AlgoConfig):
     inner_lr: float = MISSING
     inner_steps: int = MISSING
     eval_inner_steps: int = MISSING
     first_order: bool = MISSING
-    batching: str = MISSING
-    transductive: bool = MISSING
 
 
 @dataclass
@@ -100,14 +105,11 @@ class ANILConfig(MAMLConfig):
 
 
 @dataclass
-class MetaSGDConfig:
-    _target_: str = MISSING
+class MetaSGDConfig(AlgoConfig):
     inner_steps: int = MISSING
     eval_inner_steps: int = MISSING
     lr_init: list[float] = MISSING  # the learned per-parameter inner lrs start U[low, high]
     first_order: bool = MISSING
-    batching: str = MISSING
-    transductive: bool = MISSING
 
 
 @dataclass
@@ -120,8 +122,7 @@ class MAMLppConfig(MAMLConfig):
 
 
 @dataclass
-class ReptileConfig:
-    _target_: str = MISSING
+class ReptileConfig(AlgoConfig):
     inner_optimizer: str = MISSING  # sgd or adam
     inner_lr: float = MISSING
     inner_betas: list[float] = MISSING  # Adam's betas in the inner loop (Reptile: beta1 = 0)
@@ -129,26 +130,18 @@ class ReptileConfig:
     inner_batch_size: int = MISSING
     eval_inner_steps: int = MISSING
     eval_inner_batch_size: int = MISSING
-    batching: str = MISSING
-    transductive: bool = MISSING
 
 
 @dataclass
-class ProtoNetConfig:
-    _target_: str = MISSING
+class ProtoNetConfig(AlgoConfig):
     distance: str = MISSING  # euclidean (squared) or cosine
     cosine_scale: float = MISSING  # distance=cosine: logits are cosine similarities times this
-    batching: str = MISSING
-    transductive: bool = MISSING
 
 
 @dataclass
-class MatchingNetConfig:
-    _target_: str = MISSING
+class MatchingNetConfig(AlgoConfig):
     fce: bool = MISSING  # full-context embeddings (bi-LSTM over the support set, attention LSTM for queries)
     fce_steps: int = MISSING  # processing steps of the attention LSTM
-    batching: str = MISSING
-    transductive: bool = MISSING
 
 
 # -- meta-optimiser and its learning-rate schedule -----------------------------------------------

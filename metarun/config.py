@@ -146,52 +146,48 @@ class MatchingNetConfig(AlgoConfig):
 
 # -- meta-optimiser and its learning-rate schedule -----------------------------------------------
 @dataclass
-class AdamConfig:
+class PartialConfig:
+    """A torch class that the trainer completes with its first argument (the parameters to
+    optimise, or the optimiser to schedule)."""
     _target_: str = MISSING
     _partial_: bool = True
+
+
+@dataclass
+class AdamConfig(PartialConfig):
     lr: float = MISSING
     betas: list[float] = MISSING
     weight_decay: float = 0.0
 
 
 @dataclass
-class SGDConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
+class SGDConfig(PartialConfig):
     lr: float = MISSING
     momentum: float = 0.0
     weight_decay: float = 0.0
 
 
 @dataclass
-class ConstantScheduleConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
+class ConstantScheduleConfig(PartialConfig):
     factor: float = 1.0
     total_iters: int = 0
 
 
 @dataclass
-class CosineScheduleConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
+class CosineScheduleConfig(PartialConfig):
     T_max: int = MISSING
     eta_min: float = MISSING
 
 
 @dataclass
-class LinearScheduleConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
+class LinearScheduleConfig(PartialConfig):
     start_factor: float = MISSING
     end_factor: float = MISSING
     total_iters: int = MISSING
 
 
 @dataclass
-class StepScheduleConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
+class StepScheduleConfig(PartialConfig):
     step_size: int = MISSING
     gamma: float = MISSING
 

@@ -137,23 +137,24 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         log.info(f"resuming from {ckpt_dir / 'last.pt'} at iteration {iteration}")
         algo.tuned_batching = state.get("batching")  # keep the path the run took (auto), for the same numbers
 
-    tuning = {}
-    if algo.batching == "auto" and algo.tuned_batching is None:
-        # Time both execution paths on the first training meta-batch (drawn from a copy of the task
-        # stream, so the run itself is unchanged) and keep the faster one for the whole run.
-        probe = data.sample("train", cfg.train.meta_batch_size, torch.Generator().set_state(tasks_rng.get_state()))
-        tuning = algo.tune_batching(probe, iteration)
-
     def checkpoint(name: str) -> None:
         save_checkpoint(ckpt_dir / name, {
             "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "batching": algo.path(device), "best": best, "history": history, "seconds": seconds, "metric": algo.metric,
+            "scheduler": scheduler.state_dict(), "batching": algo.path(device), "best": best, "history": history,
+            "seconds": seconds, "metric": algo.metric,
             "config": OmegaConf.to_container(cfg, resolve=True), "hydra": record,
             "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
         })
 
     print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
+    tuning = {}
+    if algo.batching == "auto" and algo.tuned_batching is None:
+        # Time both execution paths on the first training meta-batch (drawn from a copy of the task
+        # stream, so the run itself is unchanged) and keep the faster one for the whole run.
+        log.info("batching=auto: timing the loop and vmap paths on the first meta-batch")
+        probe = data.sample("train", cfg.train.meta_batch_size, torch.Generator().set_state(tasks_rng.get_state()))
+        tuning = algo.tune_batching(probe, iteration)
     timed = f" (auto: {', '.join(f'{k} {1000 * v:.0f} ms' for k, v in tuning.items())} per meta-gradient)" if tuning else ""
     log.info(f"run directory: {run_dir}  device: {device}  batching: {algo.path(device)}{timed}  "
              + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metarun.algos.base import synchronize  # noqa: E402
 from metarun.config import conf_dir, default_data_root  # noqa: E402
 from metarun.train import build_experiment  # noqa: E402
 
@@ -36,11 +37,6 @@ EXPERIMENTS = {
     "anil": "anil_omniglot_20w1s", "metasgd": "metasgd_omniglot_5w1s", "reptile": "reptile_omniglot_5w1s",
     "protonet": "protonet_omniglot_5w1s", "matchingnet": "matchingnet_omniglot_5w1s",
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def compose_experiment(name, root, device):
@@ -88,10 +84,10 @@ def time_algorithm(cfg, rounds, iteration):
     times = {name: [] for name in variants}
     for r in range(rounds + 1):  # round 0 warms up
         for name, step in variants.items():
-            sync(device)
+            synchronize(device)
             tic = time.perf_counter()
             step(episodes[r % len(episodes)], iteration)
-            sync(device)
+            synchronize(device)
             if r:
                 times[name].append(time.perf_counter() - tic)
     return {name: statistics.median(t) for name, t in times.items()}, auto_path

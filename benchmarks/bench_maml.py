@@ -30,6 +30,7 @@ from rich.table import Table
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metarun.algos.base import synchronize  # noqa: E402
 from metarun.algos.maml import MAML  # noqa: E402
 from metarun.config import default_data_root  # noqa: E402
 from metarun.data.omniglot import OmniglotTasks  # noqa: E402
@@ -37,11 +38,6 @@ from metarun.models import Conv4  # noqa: E402
 from metarun.utils.runtime import resolve_device  # noqa: E402
 
 WAYS, SHOTS, QUERIES, TASKS, INNER_LR = 5, 1, 15, 32, 0.4
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def metarun_step(batching):
@@ -102,10 +98,10 @@ def time_rounds(variants, episodes, device, rounds):
     times = {name: [] for name in variants}
     for r in range(rounds + 1):  # round 0 warms up
         for name, step in variants.items():
-            sync(device)
+            synchronize(device)
             tic = time.perf_counter()
             step(models[name], optimizers[name], episodes[r % len(episodes)])
-            sync(device)
+            synchronize(device)
             if r:
                 times[name].append(time.perf_counter() - tic)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -136,7 +132,7 @@ def sampling_throughput(root, data, rounds):
     for _ in range(rounds):
         tic = time.perf_counter()
         data.sample("train", TASKS, generator)
-        sync(data.device)
+        synchronize(data.device)
         ours.append(TASKS / (time.perf_counter() - tic))
         tic = time.perf_counter()
         for _ in range(TASKS):

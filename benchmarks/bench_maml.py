@@ -146,10 +146,11 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--root", default=default_data_root())
+    parser.add_argument("--cache-dir", default=None, help="decoded-data cache (default: data.cache_dir's)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    data = OmniglotTasks(WAYS, SHOTS, QUERIES, "maml", args.root).to(device)
+    data = OmniglotTasks(WAYS, SHOTS, QUERIES, "maml", args.root, cache_dir=args.cache_dir).to(device)
     episodes = [data.sample("train", TASKS, torch.Generator().manual_seed(i)) for i in range(3)]
 
     variants = {"reference": reference_step, "loop": metarun_step("loop"), "vmap": metarun_step("vmap"),

@@ -15,7 +15,6 @@ reported, with the ratio ``reference / variant`` (above 1 is faster than the ref
     METARUN_DATA_DIR=../shared/data python benchmarks/bench_algos.py [--device auto] [--rounds 5] [--algos maml,reptile]
 """
 
-import argparse
 import copy
 import statistics
 import sys
@@ -28,8 +27,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import benchmark_parser  # noqa: E402
 from metarun.algos.base import synchronize  # noqa: E402
-from metarun.config import conf_dir, default_data_root  # noqa: E402
+from metarun.config import conf_dir  # noqa: E402
 from metarun.train import build_experiment  # noqa: E402
 
 EXPERIMENTS = {
@@ -96,11 +96,7 @@ def time_algorithm(cfg, rounds, iteration):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--root", default=default_data_root())
-    parser.add_argument("--cache-dir", default=None, help="decoded-data cache (default: data.cache_dir's)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--algos", default=",".join(EXPERIMENTS), help="comma-separated subset of " + ",".join(EXPERIMENTS))
     parser.add_argument("--iteration", type=int, default=10**9,
                         help="meta-iteration passed to the algorithms (late: MAML++'s annealing is over)")

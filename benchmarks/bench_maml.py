@@ -12,7 +12,6 @@ and one backward per task); ``higher`` (Grefenstette et al.) runs when it is ins
 sampling is compared with decoding PNGs with PIL per image, as the peers' datasets do.
 """
 
-import argparse
 import io
 import random
 import statistics
@@ -30,9 +29,9 @@ from rich.table import Table
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import benchmark_parser  # noqa: E402
 from metarun.algos.base import synchronize  # noqa: E402
 from metarun.algos.maml import MAML  # noqa: E402
-from metarun.config import default_data_root  # noqa: E402
 from metarun.data.omniglot import OmniglotTasks  # noqa: E402
 from metarun.models import Conv4  # noqa: E402
 from metarun.utils.runtime import resolve_device  # noqa: E402
@@ -142,11 +141,7 @@ def sampling_throughput(root, data, rounds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--root", default=default_data_root())
-    parser.add_argument("--cache-dir", default=None, help="decoded-data cache (default: data.cache_dir's)")
+    parser = benchmark_parser(__doc__)
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)

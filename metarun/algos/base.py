@@ -39,6 +39,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def stack_tasks(per_task: list):
+    """Per-task results (tensors, or tuples and dicts of them) stacked along a new task dimension, as vmap would."""
+    first = per_task[0]
+    if isinstance(first, dict):
+        return {k: torch.stack([r[k] for r in per_task]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(stack_tasks(list(parts)) for parts in zip(*per_task))
+    return torch.stack(per_task)
+
+
 def metric_name(task: str) -> str:
     return "accuracy" if task == "classification" else "mse"
 
@@ -92,6 +102,15 @@ class MetaAlgorithm(nn.Module):
     def uses_vmap(self, device: torch.device) -> bool:
         """Whether tasks run vectorised with torch.func.vmap on ``device`` (else one after another)."""
         return self.path(device) == "vmap"
+
+    def over_tasks(self, fn: Callable, *batch: torch.Tensor):
+        """``fn(*task, functional=...)`` for every task of ``batch`` (tensors with a leading task
+        dimension), as the execution path says: all at once under ``torch.func.vmap``
+        (``functional=True``: ``fn`` must use torch.func inside) or one after another
+        (``functional=False``). The outputs are stacked over tasks either way."""
+        if self.uses_vmap(batch[0].device):
+            return vmap(lambda *task: fn(*task, functional=True))(*batch)
+        return stack_tasks([fn(*task, functional=False) for task in zip(*batch)])
 
     def tune_batching(self, episode: Episode, iteration: int = 0, repeats: int = 2) -> dict[str, float]:
         """For ``batching="auto"``: time one meta-gradient (``meta_loss`` and its backward pass) of

@@ -22,7 +22,7 @@ iteration (``first_order_at``).
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
 from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
 from metarun.data.episode import Episode
@@ -123,22 +123,17 @@ class GradientBased(MetaAlgorithm):
                                "have no queries: set data.train_queries to at least 1")
         params = dict(self.model.named_parameters())
         weights, first_order = self.step_loss_weights(iteration), self.first_order_at(iteration)
-        batch = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-        if self.uses_vmap(episode.support_x.device):
-            fn = vmap(lambda *task: self._task_meta_loss(params, *task, weights, first_order, functional=True))
-            losses, metrics = fn(*batch)
-        else:
-            per_task = [self._task_meta_loss(params, *task, weights, first_order, functional=False) for task in zip(*batch)]
-            losses, metrics = (torch.stack(v) for v in zip(*per_task))
+        losses, metrics = self.over_tasks(
+            lambda *task, functional: self._task_meta_loss(params, *task, weights, first_order, functional=functional),
+            episode.support_x, episode.support_y, episode.query_x, episode.query_y)
         return losses.mean(), {"loss": losses.detach().mean(), self.metric: metrics.mean()}
 
     def evaluate(self, episode: Episode, steps: int) -> torch.Tensor:
-        params = {k: p.detach() for k, p in self.model.named_parameters()}
-        batch = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-        if self.uses_vmap(episode.support_x.device):
-            # torch.func.grad computes gradients even under no_grad; no graph is kept for the outer level.
-            with torch.no_grad():
-                return vmap(lambda *task: self._task_evaluate(params, *task, steps, functional=True))(*batch)
-        params = {k: p.requires_grad_() for k, p in params.items()}
-        with torch.enable_grad():
-            return torch.stack([self._task_evaluate(params, *task, steps, functional=False) for task in zip(*batch)])
+        vmapped = self.uses_vmap(episode.support_x.device)
+        params = {k: p.detach() if vmapped else p.detach().requires_grad_() for k, p in self.model.named_parameters()}
+        # torch.func.grad computes gradients even under no_grad, and no graph is kept for the outer level;
+        # the loop's torch.autograd.grad needs grad mode (meta_test runs under no_grad).
+        with torch.no_grad() if vmapped else torch.enable_grad():
+            return self.over_tasks(
+                lambda *task, functional: self._task_evaluate(params, *task, steps, functional=functional),
+                episode.support_x, episode.support_y, episode.query_x, episode.query_y)

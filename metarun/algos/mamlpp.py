@@ -86,23 +86,12 @@ def _key(name: str) -> str:
 
 
 class MAMLpp(GradientBased):
-    def __init__(
-        self,
-        model: nn.Module,
-        task: str,
-        inner_lr: float = 0.1,
-        inner_steps: int = 5,
-        eval_inner_steps: int = 5,
-        first_order: bool = False,
-        lslr: bool = True,
-        msl: bool = True,
-        msl_iterations: int = 5000,
-        per_step_bn: bool = True,
-        first_order_iterations: int = 0,
-        batching: str = "auto",
-        transductive: bool = True,
-    ):
-        super().__init__(model, task, inner_lr, inner_steps, eval_inner_steps, first_order, batching, transductive)
+    # MAML++'s own defaults for the engine's keys (its Omniglot configs); the rest are the engine's.
+    ENGINE_DEFAULTS = {"inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5}
+
+    def __init__(self, model: nn.Module, task: str, lslr: bool = True, msl: bool = True, msl_iterations: int = 5000,
+                 per_step_bn: bool = True, first_order_iterations: int = 0, **engine):
+        super().__init__(model, task, **{**self.ENGINE_DEFAULTS, **engine})
         if msl_iterations < 0 or first_order_iterations < 0:
             raise ValueError(f"algo.msl_iterations and algo.first_order_iterations must be at least 0 "
                              f"(got {msl_iterations}, {first_order_iterations})")
@@ -117,11 +106,11 @@ class MAMLpp(GradientBased):
                              f"none: set algo.per_step_bn=false")
         # Copies 1..inner_steps of every batch-norm weight and bias; copy 0 is the network's own.
         self.step_norms = nn.ParameterDict({
-            _key(n): nn.Parameter(params[n].detach().expand(inner_steps, *params[n].shape).clone())
+            _key(n): nn.Parameter(params[n].detach().expand(self.inner_steps, *params[n].shape).clone())
             for n in (self.norm_names if per_step_bn else [])
         })
         self.inner_lrs = nn.ParameterDict({
-            _key(n): nn.Parameter(torch.full((inner_steps,), float(inner_lr), dtype=p.dtype, device=p.device))
+            _key(n): nn.Parameter(torch.full((self.inner_steps,), float(self.inner_lr), dtype=p.dtype, device=p.device))
             for n, p in params.items() if lslr and self.adapts(n)
         })
 

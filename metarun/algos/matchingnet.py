@@ -54,7 +54,7 @@ class MatchingNet(MetricBased):
 
     def __init__(self, model: nn.Module, task: str, fce: bool = False, fce_steps: int = 5, batching: str = "auto",
                  transductive: bool = True):
-        super().__init__(model, task, batching, transductive)
+        super().__init__(model, task, batching=batching, transductive=transductive)
         self.fce = fce
         self.fce_steps = fce_steps
         if fce:

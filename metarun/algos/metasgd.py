@@ -23,9 +23,8 @@ class MetaSGD(GradientBased):
         if not 0 <= low <= high:
             raise ValueError(f"algo.lr_init must be [low, high] with 0 <= low <= high, got {list(lr_init)}")
         # Parameter names hold dots, which module names may not: the rates are keyed by position.
-        self.names = [n for n, _ in model.named_parameters()]
         self.lrs = nn.ParameterList(nn.Parameter(torch.empty_like(p).uniform_(low, high)) for p in model.parameters())
-        self._index = {n: i for i, n in enumerate(self.names)}
+        self._index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
 
     def inner_lr_of(self, name: str, step: int) -> torch.Tensor:
         return self.lrs[self._index[name]]

@@ -23,7 +23,6 @@ protocol above.
 
 import torch
 from torch import nn
-from torch.func import vmap
 
 from metarun.algos.base import MetaAlgorithm, task_metric
 from metarun.data.episode import Episode
@@ -68,12 +67,10 @@ class MetricBased(MetaAlgorithm):
         if episode.query_x.shape[1] == 0:
             raise MetarunError(f"algo={self.config_name} learns from query images: "
                                f"set data.train_queries to at least 1")
-        batch = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-        # ways is the episode's own (training tasks may have more ways than test tasks).
-        if self.uses_vmap(episode.support_x.device):
-            return vmap(lambda *task: self._task(*task, episode.ways))(*batch)
-        losses, metrics = zip(*(self._task(*task, episode.ways) for task in zip(*batch)))
-        return torch.stack(losses), torch.stack(metrics)
+        # ways is the episode's own (training tasks may have more ways than test tasks). Nothing
+        # inside differentiates, so the task's code is the same on both paths (functional unused).
+        return self.over_tasks(lambda *task, functional: self._task(*task, episode.ways),
+                               episode.support_x, episode.support_y, episode.query_x, episode.query_y)
 
     def meta_loss(self, episode: Episode, iteration: int = 0):
         losses, metrics = self._over_tasks(episode)

@@ -47,7 +47,7 @@ class ProtoNet(MetricBased):
 
     def __init__(self, model: nn.Module, task: str, distance: str = "euclidean", cosine_scale: float = 1.0,
                  batching: str = "auto", transductive: bool = True):
-        super().__init__(model, task, batching, transductive)
+        super().__init__(model, task, batching=batching, transductive=transductive)
         if distance not in DISTANCES:
             raise ValueError(f"algo.distance must be one of {DISTANCES}, got {distance!r}")
         if cosine_scale <= 0:

@@ -49,7 +49,7 @@ import zlib
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad_and_value
 
 from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
 from metarun.data.episode import Episode
@@ -78,16 +78,6 @@ def task_generators(episode: Episode) -> list[torch.Generator]:
     """A generator per task, seeded by a checksum of its support set: random orders that depend on the task alone."""
     support = episode.support_x.detach().cpu().contiguous()
     return [torch.Generator().manual_seed(zlib.crc32(x.flatten().view(torch.uint8).numpy().tobytes())) for x in support]
-
-
-def stack_tasks(per_task: list):
-    """Per-task results (tensors, or tuples and dicts of them) stacked along a new task dimension, as vmap would."""
-    first = per_task[0]
-    if isinstance(first, dict):
-        return {k: torch.stack([r[k] for r in per_task]) for k in first}
-    if isinstance(first, tuple):
-        return tuple(stack_tasks(list(parts)) for parts in zip(*per_task))
-    return torch.stack(per_task)
 
 
 class Reptile(MetaAlgorithm):
@@ -197,11 +187,8 @@ class Reptile(MetaAlgorithm):
 
     def _run(self, fn, episode: Episode, theta: Params, order: torch.Tensor):
         """``fn`` over the tasks of ``episode``, vectorised or one after another; outputs stacked over tasks."""
-        device = episode.support_x.device
-        batch = (episode.support_x, episode.support_y, episode.query_x, episode.query_y, order.to(device))
-        if self.uses_vmap(device):
-            return vmap(lambda *task: fn(theta, *task, functional=True))(*batch)
-        return stack_tasks([fn(theta, *task, functional=False) for task in zip(*batch)])
+        return self.over_tasks(lambda *task, functional: fn(theta, *task, functional=functional), episode.support_x,
+                               episode.support_y, episode.query_x, episode.query_y, order.to(episode.support_x.device))
 
     # -- a batch of tasks -------------------------------------------------------------------------
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

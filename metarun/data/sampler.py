@@ -8,6 +8,11 @@ import torch
 from metarun.data.episode import Episode
 
 
+def class_ids(characters: torch.Tensor, turns: torch.Tensor | None) -> torch.Tensor:
+    """One id per class: the character index, or 4 * character + turns where rotations are classes."""
+    return characters if turns is None else 4 * characters + turns
+
+
 class ClassTaskSampler:
     """Tasks over the classes ``classes`` of ``images`` (num_classes, per_class, H, W) uint8.
 
@@ -27,8 +32,7 @@ class ClassTaskSampler:
 
     @property
     def class_ids(self) -> torch.Tensor:
-        """One id per class: the character index, or 4 * character + turns when rotations are classes."""
-        return self.classes if self.turns is None else 4 * self.classes + self.turns
+        return class_ids(self.classes, self.turns)
 
     def draw(self, num_tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         n, k = self.ways, self.shots + self.queries
@@ -60,5 +64,5 @@ class ClassTaskSampler:
             ways=n,
             shots=s,
             queries=self.queries,
-            classes=classes if self.turns is None else 4 * classes + turns,
+            classes=class_ids(classes, None if self.turns is None else turns),
         )

@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stderr = sys.stderr = FailedJobs(sys.stderr)
     try:
+        if task == "train":
+            from metarun.resume import with_run_overrides
+
+            sys.argv = ["metarun", *with_run_overrides(argv[1:])]  # a bare hydra.run.dir=X resumes X as it was
         importlib.import_module(TASKS[task][0]).main()
     except KeyboardInterrupt:
         print("metarun: interrupted", file=sys.stderr)
@@ -126,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
+
+        from metarun.utils.faults import user_error
+
+        e = user_error(e) or e  # a fault of the machine before the run started (Hydra creating the run directory)
 
         if debug or not isinstance(e, (MetarunError, HydraException, OmegaConfBaseException)):
             traceback.print_exc()  # a bug, not bad input: keep the traceback for the report

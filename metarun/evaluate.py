@@ -9,26 +9,53 @@ import logging
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 import rich
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.train import build_experiment, protocol
-from metarun.utils.checkpoint import load_checkpoint
+from metarun.utils.checkpoint import load_checkpoint, load_state
 from metarun.utils.display import progress_bar, results_table
 from metarun.utils.runtime import require_positive
 from metarun.utils.files import write_json
+from metarun.utils.rundir import write_hydra_record
+from metarun.utils.targets import GROUPS, option_for
 from metarun.utils.task import run_task
 
 log = logging.getLogger("metarun")
 
 
-def run_config(cfg: DictConfig, saved: dict) -> DictConfig:
-    """The checkpoint's config with this command's evaluation settings laid over it."""
-    run = OmegaConf.create(saved)
+def trusted_config(saved: dict, path: Path) -> DictConfig:
+    """The checkpoint's config, rebuilt from metarun's own config groups.
+
+    A checkpoint is data: each group must name one of metarun's classes (``utils/targets.py``), and
+    its values are laid over that option's typed schema, so an unknown key, a wrong type or a
+    foreign ``_target_`` is one line of error and nothing is imported or built."""
+    groups = {group: option_for(group, saved.get(group), str(path)) for group in GROUPS}
+    base = compose_train([f"{group}={option}" for group, option in groups.items()])
+    try:
+        return OmegaConf.merge(base, saved)
+    except OmegaConfBaseException as e:
+        raise MetarunError(f"{path} holds a config this metarun cannot rebuild ({str(e).splitlines()[0]}): "
+                           f"evaluate it with the metarun that wrote it") from None
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """The ``train`` config with ``overrides``, inside a running Hydra app or not; no ``hydra`` node."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_config(cfg: DictConfig, run: DictConfig) -> DictConfig:
+    """The checkpoint's (trusted) config with this command's evaluation settings laid over it."""
     run.device = cfg.device
     for key, value in cfg.test.items():
         if value is not None:
@@ -49,10 +76,11 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     require_positive(cfg, "batch_size", *(["test.episodes"] if cfg.test.episodes is not None else []))
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)
-    run = run_config(cfg, state["config"])
+    run = run_config(cfg, trusted_config(state["config"], path))
     _, data, algo = build_experiment(run)
-    algo.load_state_dict(state["algo"])
-    algo.tuned_batching = state.get("batching")  # auto: the path the run took
+    load_state(algo, state["algo"], path, "algorithm (network and meta-learned parameters)")
+    algo.tuned_batching = state.get("batching") if state.get("batching") in ("loop", "vmap") else None  # auto: the path the run took
+    write_hydra_record(run_dir, cfg)  # the evaluation is accepted from here on
     log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks")
     with progress_bar() as progress:
         test = meta_test(algo, data, "test", run.test.episodes, cfg.batch_size, algo.eval_inner_steps,
@@ -67,4 +95,4 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")
 def main(cfg: DictConfig) -> float:
-    return run_task(evaluate, cfg, Path(HydraConfig.get().runtime.output_dir), "eval.log")
+    return run_task(evaluate, cfg, Path(HydraConfig.get().runtime.output_dir), "eval")

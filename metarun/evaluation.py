@@ -4,6 +4,7 @@ import torch
 
 from metarun.algos.base import MetaAlgorithm
 from metarun.data.tasks import TaskSource
+from metarun.utils import stop
 from metarun.utils.stats import mean_ci95
 
 
@@ -18,6 +19,7 @@ def meta_test(algo: MetaAlgorithm, data: TaskSource, split: str, episodes: int, 
     bar = progress.add_task(f"{split}", total=episodes, stats="") if progress is not None else None
     per_task = []
     for episode in data.fixed_episodes(split, episodes, batch_size, seed):
+        stop.check()  # a SIGINT/SIGTERM stops between task batches, not after the whole phase
         per_task.append(algo.evaluate(episode, steps).cpu())
         if bar is not None:
             progress.advance(bar, episode.num_tasks)

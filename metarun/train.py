@@ -22,12 +22,14 @@ from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.models.batchnorm import batch_norm_mode
-from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
+from metarun.utils import stop
+from metarun.utils.checkpoint import FOR_RESUME, load_checkpoint, load_state, save_checkpoint
 from metarun.utils.display import print_config_tree, progress_bar, results_table
 from metarun.utils.logger import TensorBoardLogger
 from metarun.utils.runtime import build, require_positive, resolve_device
 from metarun.utils.files import write_json
-from metarun.utils.task import GracefulStop, hydra_record, run_task
+from metarun.utils.rundir import run_overrides, write_hydra_record
+from metarun.utils.task import run_task
 
 log = logging.getLogger("metarun")
 
@@ -117,35 +119,64 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     algo.check_optimizer(optimizer)
     tasks_rng = torch.Generator().manual_seed(cfg.seed)  # the training task stream; saved in checkpoints
     ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
-    iteration, best, history, seconds = 0, None, [], 0.0
-    record = hydra_record(run_dir)
+    total, metric = cfg.train.iterations, algo.metric
+    # seconds: the training iterations alone; wall_seconds: the whole run, every attempt, validation included.
+    iteration, best, history, seconds, wall_seconds = 0, None, [], 0.0, 0.0
 
     if (ckpt_dir / "last.pt").exists():
-        state = load_checkpoint(ckpt_dir / "last.pt")
-        check_resumable(state["config"], cfg, ckpt_dir / "last.pt")
-        if "scheduler" not in state:
-            raise MetarunError(f"{ckpt_dir / 'last.pt'} was written by an older metarun without the learning-rate "
-                               f"schedule's state: it cannot be resumed exactly, start a new run directory")
-        algo.load_state_dict(state["algo"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        tasks_rng.set_state(state["rng"]["tasks"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        iteration, best, history, seconds = state["iteration"], state["best"], state["history"], state["seconds"]
-        log.info(f"resuming from {ckpt_dir / 'last.pt'} at iteration {iteration}")
-        algo.tuned_batching = state.get("batching")  # keep the path the run took (auto), for the same numbers
+        last = ckpt_dir / "last.pt"
+        state = load_checkpoint(last, FOR_RESUME)
+        check_resumable(state["config"], cfg, last)
+        if state["iteration"] > total:
+            raise MetarunError(f"{run_dir} has already trained {state['iteration']} iterations, more than "
+                               f"train.iterations={total}: resume with train.iterations={state['iteration']} or more, "
+                               f"or start a new run directory")
+        load_state(algo, state["algo"], last, "algorithm (network and meta-learned parameters)")
+        load_state(optimizer, state["optimizer"], last, "optimizer (optimizer=)")
+        load_state(scheduler, state["scheduler"], last, "learning-rate schedule (scheduler=)")
+        restore_rng(state["rng"], tasks_rng, device, last)
+        iteration, best, history, seconds = state["iteration"], state.get("best"), state["history"], state["seconds"]
+        wall_seconds = float(state.get("wall_seconds", seconds))
+        log.info(f"resuming from {last} at iteration {iteration}")
+        algo.tuned_batching = state.get("batching") if state.get("batching") in ("loop", "vmap") else None  # keep the path the run took (auto), for the same numbers
 
-    def checkpoint(name: str) -> None:
+    started = time.perf_counter()
+    overrides, record = run_overrides(), write_hydra_record(run_dir, cfg)  # the run is accepted from here on
+    rng_at_iteration = rng_state(tasks_rng, device)  # the random streams as of the last completed iteration
+    saved_at = iteration if (ckpt_dir / "last.pt").exists() else None
+
+    def checkpoint(name: str, rng: dict | None = None) -> None:
+        nonlocal saved_at
         save_checkpoint(ckpt_dir / name, {
             "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "batching": algo.path(device), "best": best, "history": history,
-            "seconds": seconds, "metric": algo.metric,
-            "config": OmegaConf.to_container(cfg, resolve=True), "hydra": record,
-            "rng": {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+            "seconds": seconds, "wall_seconds": wall_seconds + time.perf_counter() - started, "metric": metric,
+            "config": OmegaConf.to_container(cfg, resolve=True), "overrides": overrides, "hydra": record,
+            "rng": rng if rng is not None else rng_state(tasks_rng, device),
         })
+        if name == "last.pt":
+            saved_at = iteration
+
+    def validate(progress) -> None:
+        nonlocal best
+        val = meta_test(algo, data, "val", cfg.train.val_episodes, cfg.train.meta_batch_size,
+                        algo.eval_inner_steps, cfg.test.eval_seed, progress)
+        history.append({"iteration": iteration, metric: val[metric], "ci95": val["ci95"]})
+        logger.log_scalars({f"val/{metric}": val[metric], f"val/{metric}_step0": val["per_step"][0]}, iteration)
+        log.info(f"iteration {iteration}: val {metric} {val[metric]:.4f} ± {val['ci95']:.4f}")
+        if not math.isfinite(val[metric]):
+            log.warning(f"iteration {iteration}: the validation {metric} is {val[metric]} (the adaptation "
+                        f"diverged); this checkpoint cannot become the best one")
+        if math.isfinite(val[metric]) and (best is None or not math.isfinite(best[metric])
+                                           or better(val[metric], best[metric])):
+            best = {**val, "iteration": iteration}
+            checkpoint("best.pt")
+        checkpoint("last.pt")
+        logger.flush()
+
+    def validation_due() -> bool:
+        scheduled = iteration > 0 and (iteration % cfg.train.val_every == 0 or iteration == total)
+        return scheduled and not (history and history[-1]["iteration"] == iteration)
 
     print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
     tuning = {}
@@ -160,12 +191,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
              + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))
     # Hide what a stopped attempt logged after its checkpoint; what it logged up to it stays.
     logger = TensorBoardLogger(tb_dir, purge_step=iteration + 1 if iteration else None)
-    total, metric = cfg.train.iterations, algo.metric
+    tic = None  # when the current stretch of training iterations started (None: not training)
     try:
-        with GracefulStop() as stop, progress_bar() as progress:
+        with progress_bar() as progress:
+            if validation_due():  # an attempt stopped during this validation: do it now, as the whole run did
+                validate(progress)
             bar = progress.add_task("meta-train", total=total, completed=iteration, stats="")
             tic, tic_iteration = time.perf_counter(), iteration
             while iteration < total:
+                rng_at_iteration = rng_state(tasks_rng, device)
                 episode = data.sample("train", cfg.train.meta_batch_size, tasks_rng)
                 loss, metrics = algo.meta_loss(episode, iteration)
                 optimizer.zero_grad(set_to_none=True)
@@ -182,6 +216,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 optimizer.step()
                 scheduler.step()
                 iteration += 1
+                rng_at_iteration = rng_state(tasks_rng, device)
 
                 speed = (iteration - tic_iteration) / max(time.perf_counter() - tic, 1e-9)
                 progress.update(bar, advance=1, stats=f"loss {metrics['loss']:.4f}  {metric} {metrics[metric]:.3f}  {speed:.2f} it/s")
@@ -191,32 +226,21 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                     logger.log_scalars({"train/loss": metrics["loss"].item(), f"train/{metric}": metrics[metric].item(),
                                         "train/grad_norm": grad_norm.item(), "train/meta_lr": lr}, iteration)
 
-                if iteration % cfg.train.val_every == 0 or iteration == total:
-                    seconds += time.perf_counter() - tic
-                    val = meta_test(algo, data, "val", cfg.train.val_episodes, cfg.train.meta_batch_size,
-                                    algo.eval_inner_steps, cfg.test.eval_seed, progress)
-                    history.append({"iteration": iteration, metric: val[metric], "ci95": val["ci95"]})
-                    logger.log_scalars({f"val/{metric}": val[metric], f"val/{metric}_step0": val["per_step"][0]}, iteration)
-                    log.info(f"iteration {iteration}: val {metric} {val[metric]:.4f} ± {val['ci95']:.4f}")
-                    if not math.isfinite(val[metric]):
-                        log.warning(f"iteration {iteration}: the validation {metric} is {val[metric]} (the adaptation "
-                                    f"diverged); this checkpoint cannot become the best one")
-                    if best is None or (math.isfinite(val[metric])
-                                        and (not math.isfinite(best[metric]) or better(val[metric], best[metric]))):
-                        best = {**val, "iteration": iteration}
-                        checkpoint("best.pt")
-                    checkpoint("last.pt")
-                    logger.flush()
+                if validation_due():
+                    seconds, tic = seconds + time.perf_counter() - tic, None
+                    validate(progress)
                     tic, tic_iteration = time.perf_counter(), iteration
-                if stop.requested and iteration < total:
-                    seconds += time.perf_counter() - tic
-                    checkpoint("last.pt")
-                    log.warning(f"stopped at iteration {iteration}; resume with: metarun train hydra.run.dir={run_dir}")
-                    raise KeyboardInterrupt
+                stop.check()
+            seconds, tic = seconds + time.perf_counter() - tic, None
 
         # Meta-test the chosen checkpoint on the fixed test tasks.
+        if cfg.test.checkpoint == "best" and best is None:
+            raise MetarunError(f"no validation of this run was finite, so there is no best checkpoint to test: "
+                               f"lower train.meta_lr or algo.inner_lr, or set test.checkpoint=last")
         chosen = load_checkpoint(ckpt_dir / f"{cfg.test.checkpoint}.pt")
-        algo.load_state_dict(chosen["algo"])
+        load_state(algo, chosen["algo"], ckpt_dir / f"{cfg.test.checkpoint}.pt", "algorithm")
+        log.info(f"meta-testing the {cfg.test.checkpoint} checkpoint (iteration {chosen['iteration']}) "
+                 f"on {cfg.test.episodes} test tasks")
         with progress_bar() as progress:
             test = meta_test(algo, data, "test", cfg.test.episodes, cfg.train.meta_batch_size,
                              algo.eval_inner_steps, cfg.test.eval_seed, progress)
@@ -227,24 +251,55 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         logger.log_hparams(
             {**{k: v for k, v in flat_config(cfg).items() if not k.startswith(("data.root", "data.cache_dir", "data.url"))},
              **{f"protocol.{k}": v for k, v in protocol(cfg, algo).items() if v is not None}},
-            {f"hparams/test_{metric}": test[metric], f"hparams/val_{metric}": best[metric]},
+            {f"hparams/test_{metric}": test[metric],
+             f"hparams/val_{metric}": best[metric] if best is not None else float("nan")},
         )
+    except stop.StopRequested:
+        # Keep what is consistent: the state after the last completed iteration (a meta-batch cut
+        # short changed no weight; its random draws are rewound).
+        if tic is not None:
+            seconds += time.perf_counter() - tic
+        if saved_at != iteration:
+            checkpoint("last.pt", rng=rng_at_iteration)
+        if (ckpt_dir / "last.pt").exists():
+            log.warning(f"stopped at iteration {iteration}; resume with: metarun train hydra.run.dir={run_dir}")
+        else:
+            log.warning("stopped before the first iteration; nothing to resume")
+        raise
     finally:
         logger.close()
 
     results = {
         "task": algo.task, "metric": metric,
-        "test": test, "val": {**best, "history": history},
-        "iterations": iteration, "seconds": round(seconds, 3),
+        "test": test, "val": {**(best or {}), "history": history},
+        "iterations": iteration,
+        "training_seconds": round(seconds, 3),  # the meta-training iterations alone, every attempt
+        "wall_clock_seconds": round(wall_seconds + time.perf_counter() - started, 3),  # the whole run, every attempt
         "batching": {"setting": algo.batching, "path": algo.path(device)},
         "protocol": protocol(cfg, algo),
     }
     write_json(run_dir / "metrics.json", results)
     rich.print(results_table(f"{algo.__class__.__name__}: {run_dir}", metric, test, best))
-    return best[metric]
+    return best[metric] if best is not None else float("nan")
+
+
+def rng_state(tasks_rng: torch.Generator, device: torch.device) -> dict:
+    return {"tasks": tasks_rng.get_state(), "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def restore_rng(saved: dict, tasks_rng: torch.Generator, device: torch.device, path: Path) -> None:
+    try:
+        tasks_rng.set_state(saved["tasks"])
+        torch.set_rng_state(saved["torch"])
+        if device.type == "cuda" and "cuda" in saved:
+            torch.cuda.set_rng_state(saved["cuda"], device)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise MetarunError(f"{path} is damaged: its random-number states do not load ({' '.join(str(e).split())[:120]}); "
+                           f"use another checkpoint or a new run directory") from None
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best validation metric, so sweepers (Optuna) can optimise it."""
-    return run_task(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train.log")
+    return run_task(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train")

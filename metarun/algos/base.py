@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import vmap
 
 from metarun.data.episode import Episode
+from metarun.utils import stop
 
 TASKS = ("classification", "regression")
 BATCHING = ("auto", "loop", "vmap")
@@ -110,7 +111,7 @@ class MetaAlgorithm(nn.Module):
         (``functional=False``). The outputs are stacked over tasks either way."""
         if self.uses_vmap(batch[0].device):
             return vmap(lambda *task: fn(*task, functional=True))(*batch)
-        return stack_tasks([fn(*task, functional=False) for task in zip(*batch)])
+        return stack_tasks([stop.checked(fn(*task, functional=False)) for task in zip(*batch)])
 
     def tune_batching(self, episode: Episode, iteration: int = 0, repeats: int = 2) -> dict[str, float]:
         """For ``batching="auto"``: time one meta-gradient (``meta_loss`` and its backward pass) of

@@ -6,6 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
+from metarun.utils.targets import check_target
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,8 +25,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _targets(node) -> list:
+    """Every ``_target_`` in a config tree (Hydra instantiates nested ones too)."""
+    if isinstance(node, dict):
+        return [node["_target_"]] * ("_target_" in node) + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
 def build(cfg: DictConfig, **kwargs):
-    """The one place that turns a ``_target_`` config into an object (Hydra 1.4 wants a target allow-list)."""
+    """The one place that turns a ``_target_`` config into an object, and only into metarun's own
+    classes (the allow-list of ``utils/targets.py``): a config read from disk is data, never code."""
+    for target in _targets(OmegaConf.to_container(cfg, resolve=False)):
+        check_target(target, "the config")
     try:
         return instantiate(cfg, **kwargs)
     except InstantiationException as e:

@@ -30,6 +30,12 @@ def check() -> None:
         raise StopRequested
 
 
+def checked(value):
+    """``value``, after a ``check()``: for the units of work inside an expression (a loop over tasks)."""
+    check()
+    return value
+
+
 def _handle(signum, frame):
     if _requested.is_set():
         raise KeyboardInterrupt  # a second signal: abort at once (saves are atomic, nothing is torn)

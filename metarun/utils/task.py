@@ -1,82 +1,65 @@
-"""The wrapper around every task: record failures in the job's log, always release resources."""
+"""The wrapper around every task: own the run directory, honour signals, turn faults into one line."""
 
 import logging
-import signal
-import threading
 import traceback
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from metarun.errors import MetarunError
+from metarun.utils import stop
+from metarun.utils.faults import user_error
+from metarun.utils.rundir import owned, remove_if_stray
 
 log = logging.getLogger("metarun")
 
 
-def hydra_record(run_dir: Path) -> dict[str, str]:
-    """The ``.hydra/*.yaml`` files Hydra wrote for this attempt, to be stored in checkpoints."""
-    return {f.name: f.read_text() for f in sorted((run_dir / ".hydra").glob("*.yaml"))}
+def _single_run() -> bool:
+    return not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN
 
 
-def restore_hydra_record(run_dir: Path) -> None:
-    """Hydra rewrites ``.hydra/`` before a task starts; after a failed attempt, put back the record
-    that matches ``checkpoints/last.pt``, so bad input never changes what a run directory says."""
-    from metarun.utils.checkpoint import load_checkpoint
+def run_task(fn, cfg, run_dir: Path, task: str):
+    """Run ``fn(cfg, run_dir)`` holding ``run_dir`` for ``task``, with SIGINT/SIGTERM as stop requests.
 
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return
-    try:
-        record = load_checkpoint(last).get("hydra", {})
-    except MetarunError:
-        return
-    for name, text in record.items():
-        (run_dir / ".hydra" / name).write_text(text)
-
-
-def run_task(fn, cfg, run_dir: Path, log_name: str):
-    """Run ``fn(cfg, run_dir)``; a failure is written to the job's log before it propagates.
-
-    Under a multirun the launcher records the exception and goes on with the next job, so one
-    failed job does not stop a sweep; the CLI prints the error as one line at the end.
+    A machine fault (full disk, file-size limit, out of memory) becomes a one-line MetarunError; a
+    failure is written to the job's log (not when the directory was refused: it is another run's).
+    Under a multirun the launcher records the exception and goes on with the next job, so one failed
+    job does not stop a sweep; the CLI prints the error as one line at the end. A single run that
+    fails before writing a checkpoint removes the folders it created.
     """
     try:
-        return fn(cfg, run_dir)
+        with stop.handle_signals(), owned(run_dir, task):
+            try:
+                return fn(cfg, run_dir)
+            except BaseException as e:
+                _log_failure(Path(run_dir) / f"{task}.log", _reported(e, run_dir))
+                raise
     except BaseException as e:
-        if isinstance(e, MetarunError):
-            restore_hydra_record(run_dir)
-        with open(run_dir / log_name, "a") as f:
-            if isinstance(e, MetarunError):
-                f.write(f"error: {e}\n")
-            elif isinstance(e, KeyboardInterrupt):
+        if _single_run():
+            remove_if_stray(run_dir)
+        error = _reported(e, run_dir)
+        if error is e:
+            raise
+        raise error from None
+
+
+def _reported(error: BaseException, run_dir: Path) -> BaseException:
+    """A machine fault as a one-line MetarunError that says what was kept; anything else as it is."""
+    if isinstance(error, (MetarunError, KeyboardInterrupt)):
+        return error
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    return user_error(error, "checkpoints/last.pt keeps the last good state" if last.is_file() else "") or error
+
+
+def _log_failure(path: Path, error: BaseException) -> None:
+    try:
+        with open(path, "a") as f:
+            if isinstance(error, MetarunError):
+                f.write(f"error: {error}\n")
+            elif isinstance(error, KeyboardInterrupt):
                 f.write("interrupted\n")
             else:
-                f.write("".join(traceback.format_exception(e)))
-        raise
-
-
-class GracefulStop:
-    """Turn the first SIGINT/SIGTERM into a request to stop after the current iteration.
-
-    The loop checks ``requested`` between iterations, saves a checkpoint, then stops; a second
-    Ctrl-C aborts at once (the last checkpoint stays intact: saves are atomic).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stopping after this iteration and saving a checkpoint (Ctrl-C again to abort now)")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
+                f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        pass  # the log's folder is what failed: the console still gets the error

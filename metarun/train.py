@@ -19,15 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import conf_dir
+from metarun.data.tasks import task_generator
 from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
 from metarun.utils.display import print_config_tree, progress_bar, results_table
 from metarun.utils.logger import TensorBoardLogger
-from metarun.utils.runtime import build, require_positive, resolve_device
+from metarun.utils.runtime import build, resolve_device
 from metarun.utils.files import write_json
 from metarun.utils.task import GracefulStop, hydra_record, run_task
+from metarun.validation import validate_train
 
 log = logging.getLogger("metarun")
 
@@ -100,22 +102,15 @@ def protocol(cfg: DictConfig, algo) -> dict:
     }
 
 
-def check_settings(cfg: DictConfig) -> None:
-    require_positive(cfg, "train.meta_batch_size", "train.iterations", "train.val_every", "train.val_episodes",
-                     "train.log_every", "test.episodes")
-    if cfg.test.checkpoint not in ("best", "last"):
-        raise MetarunError(f"test.checkpoint must be best or last, got '{cfg.test.checkpoint}'")
-
-
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    check_settings(cfg)
+    validate_train(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     device, data, algo = build_experiment(cfg)
     better = (lambda a, b: a > b) if algo.metric == "accuracy" else (lambda a, b: a < b)
     optimizer = build(cfg.optimizer)(algo.parameters())
     scheduler = build(cfg.scheduler)(optimizer)  # stepped once per meta-iteration
     algo.check_optimizer(optimizer)
-    tasks_rng = torch.Generator().manual_seed(cfg.seed)  # the training task stream; saved in checkpoints
+    tasks_rng = task_generator("train", cfg.seed)  # the training task stream; saved in checkpoints
     ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
     iteration, best, history, seconds = 0, None, [], 0.0
     record = hydra_record(run_dir)

@@ -12,10 +12,16 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = f"unknown device '{name}': use device=auto, device=cpu or device=cuda (device.name=cuda:N)"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise MetarunError(f"unknown device '{name}': use device=auto, device=cpu or device=cuda (device.name=cuda:N)") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise MetarunError(unknown) from None
+    if device.type not in ("cpu", "cuda", "mps") or (device.index is not None and device.index < 0):
+        raise MetarunError(unknown)  # meta, xla, ...: torch names them, but a run cannot compute there
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MetarunError("device.name=mps was asked for but MPS (Apple GPUs) is not available here: "
+                           "use device=auto or device=cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MetarunError("device=cuda was asked for but CUDA is not available here: use device=auto or device=cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

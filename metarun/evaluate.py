@@ -22,11 +22,11 @@ from metarun.evaluation import meta_test
 from metarun.train import build_experiment, protocol
 from metarun.utils.checkpoint import load_checkpoint, load_state
 from metarun.utils.display import progress_bar, results_table
-from metarun.utils.runtime import require_positive
 from metarun.utils.files import write_json
 from metarun.utils.rundir import write_hydra_record
 from metarun.utils.targets import GROUPS, option_for
 from metarun.utils.task import run_task
+from metarun.validation import validate_eval
 
 log = logging.getLogger("metarun")
 
@@ -73,7 +73,7 @@ def run_config(cfg: DictConfig, run: DictConfig) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> float:
-    require_positive(cfg, "batch_size", *(["test.episodes"] if cfg.test.episodes is not None else []))
+    validate_eval(cfg)
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)
     run = run_config(cfg, trusted_config(state["config"], path))

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import conf_dir
+from metarun.data.tasks import task_generator
 from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.models.batchnorm import batch_norm_mode
@@ -26,10 +27,11 @@ from metarun.utils import stop
 from metarun.utils.checkpoint import FOR_RESUME, load_checkpoint, load_state, save_checkpoint
 from metarun.utils.display import print_config_tree, progress_bar, results_table
 from metarun.utils.logger import TensorBoardLogger
-from metarun.utils.runtime import build, require_positive, resolve_device
+from metarun.utils.runtime import build, resolve_device
 from metarun.utils.files import write_json
 from metarun.utils.rundir import run_overrides, write_hydra_record
 from metarun.utils.task import run_task
+from metarun.validation import validate_train
 
 log = logging.getLogger("metarun")
 
@@ -102,22 +104,15 @@ def protocol(cfg: DictConfig, algo) -> dict:
     }
 
 
-def check_settings(cfg: DictConfig) -> None:
-    require_positive(cfg, "train.meta_batch_size", "train.iterations", "train.val_every", "train.val_episodes",
-                     "train.log_every", "test.episodes")
-    if cfg.test.checkpoint not in ("best", "last"):
-        raise MetarunError(f"test.checkpoint must be best or last, got '{cfg.test.checkpoint}'")
-
-
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    check_settings(cfg)
+    validate_train(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     device, data, algo = build_experiment(cfg)
     better = (lambda a, b: a > b) if algo.metric == "accuracy" else (lambda a, b: a < b)
     optimizer = build(cfg.optimizer)(algo.parameters())
     scheduler = build(cfg.scheduler)(optimizer)  # stepped once per meta-iteration
     algo.check_optimizer(optimizer)
-    tasks_rng = torch.Generator().manual_seed(cfg.seed)  # the training task stream; saved in checkpoints
+    tasks_rng = task_generator("train", cfg.seed)  # the training task stream; saved in checkpoints
     ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
     total, metric = cfg.train.iterations, algo.metric
     # seconds: the training iterations alone; wall_seconds: the whole run, every attempt, validation included.

@@ -119,8 +119,10 @@ class GradientBased(MetaAlgorithm):
     # -- a batch of tasks -------------------------------------------------------------------------
     def meta_loss(self, episode: Episode, iteration: int = 0):
         if episode.query_x.shape[1] == 0:
+            # Only classification data has separate training tasks (data.train_queries); regression has data.queries.
+            key = "data.train_queries" if self.task == "classification" else "data.queries"
             raise MetarunError("the meta-loss of gradient-based algorithms is a query loss, but the training tasks "
-                               "have no queries: set data.train_queries to at least 1")
+                               f"have no queries: set {key} to at least 1")
         params = dict(self.model.named_parameters())
         weights, first_order = self.step_loss_weights(iteration), self.first_order_at(iteration)
         losses, metrics = self.over_tasks(

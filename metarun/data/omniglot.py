@@ -78,13 +78,15 @@ class OmniglotTasks(TaskSource):
                  image_size=28, train_ways=None, train_shots=None, train_queries=None):
         if split not in SPLIT_NAMES:
             raise DataError(f"unknown Omniglot split '{split}': set data.split to one of {', '.join(SPLIT_NAMES)}")
-        if min(ways, shots, queries) < 1:
-            raise DataError(f"data.ways, data.shots and data.queries must be at least 1 (got {ways}, {shots}, {queries})")
+        # One class is no classification task (every answer is right): ways start at 2, as in metarun.validation.
+        if ways < 2 or min(shots, queries) < 1:
+            raise DataError(f"data.ways must be at least 2 and data.shots and data.queries at least 1 "
+                            f"(got {ways}, {shots}, {queries})")
         train = (ways if train_ways is None else train_ways, shots if train_shots is None else train_shots,
                  queries if train_queries is None else train_queries)
-        if min(train[:2]) < 1 or train[2] < 0:
-            raise DataError(f"data.train_ways and data.train_shots must be at least 1 and data.train_queries at least 0 "
-                            f"(got {train[0]}, {train[1]}, {train[2]})")
+        if train[0] < 2 or train[1] < 1 or train[2] < 0:
+            raise DataError(f"data.train_ways must be at least 2, data.train_shots at least 1 and data.train_queries "
+                            f"at least 0 (got {train[0]}, {train[1]}, {train[2]})")
         if image_size != 28 or channels != 1:
             raise DataError("Omniglot is decoded to 1x28x28: leave data.channels=1 and data.image_size=28")
         data = load_omniglot(Path(root).expanduser(), cache_dir=cache_dir, url=url, download=download)
@@ -99,13 +101,19 @@ class OmniglotTasks(TaskSource):
                 )
         self.split_name = split
         split_def = omniglot_splits(split, data.alphabets, data.background)
+        sizes = {name: len(c) for name, c in split_def.classes.items()}
         for name, (n, _, _) in settings.items():
-            if n > len(split_def.classes[name]):
-                key = "data.train_ways" if name == "train" and train_ways is not None else "data.ways"
-                raise DataError(
-                    f"{key}={n} exceeds the {len(split_def.classes[name])} classes of the '{split}' {name} split: "
-                    f"use at most {min(len(c) for c in split_def.classes.values())} ways"
-                )
+            if n > sizes[name]:
+                # Each key's limit is the smallest of the splits it sets: data.train_ways only the train
+                # split, data.ways the val and test splits, and the train split too unless train_ways is set.
+                own = name == "train" and train_ways is not None
+                key = "data.train_ways" if own else "data.ways"
+                governs = ("train",) if own else ("val", "test") if train_ways is not None else SPLITS
+                limit = min(governs, key=sizes.get)
+                also = (f" ({key} also sets the {limit} tasks, and the {limit} split has {sizes[limit]} classes)"
+                        if sizes[limit] < sizes[name] else "")
+                raise DataError(f"{key}={n} exceeds the {sizes[name]} classes of the '{split}' {name} split: "
+                                f"use at most {sizes[limit]} ways{also}")
         self.images = data.images
         self.samplers = {
             name: ClassTaskSampler(split_def.classes[name], per_class, *settings[name], split_def.rotate_per_task,

@@ -6,6 +6,7 @@ evaluated in: ``draw`` makes all random choices for ``n`` tasks as small CPU ten
 turns a slice of those choices into an ``Episode`` on the data's device.
 """
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -13,7 +14,19 @@ import torch
 from metarun.data.episode import Episode
 
 SPLITS = ("train", "val", "test")
-_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+# The training stream (the run's seed), and fixed tasks of each split (test.eval_seed).
+PURPOSES = ("train", "train-fixed", "val", "test")
+
+
+def task_generator(purpose: str, seed: int) -> torch.Generator:
+    """The task stream for ``purpose`` under ``seed``: its generator is seeded with 63 bits of a
+    sha256 of (purpose, seed), so no pair of settings makes two purposes draw the same tasks (the
+    training stream of seed=2 was once the sinusoid test tasks of eval_seed=0), and the streams
+    depend on nothing but these two values."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    digest = hashlib.sha256(f"metarun-tasks:{purpose}:{int(seed)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
 class TaskSource:
@@ -37,7 +50,8 @@ class TaskSource:
 
     def fixed_episodes(self, split: str, count: int, batch_size: int, seed: int) -> Iterator[Episode]:
         """The same ``count`` tasks of ``split`` for every run with this ``seed``, in batches."""
-        generator = torch.Generator().manual_seed(1000 * seed + _SPLIT_OFFSET[split])
+        # Fixed training tasks (none of metarun's loops asks for them) must not replay the training stream.
+        generator = task_generator("train-fixed" if split == "train" else split, seed)
         drawn = self.draw(split, count, generator)
         for start in range(0, count, batch_size):
             yield self.materialize(split, tuple(t[start : start + batch_size] for t in drawn))

@@ -1,5 +1,6 @@
 """What a person sees: the config tree, a progress bar with live metrics, and results tables."""
 
+import math
 from pathlib import Path
 
 import rich
@@ -59,5 +60,7 @@ def results_table(title: str, metric: str, test: dict, val: dict | None) -> Tabl
     rows.append(("test", test))
     for name, r in rows:
         steps = " ".join(f"{v:.4g}" for v in r.get("per_step", []))
-        table.add_row(name, f"{r[metric]:.4f}", f"± {r['ci95']:.4f}", str(r["episodes"]), steps)
+        ci95 = r["ci95"]
+        interval = f"± {ci95:.4f}" if ci95 is not None and math.isfinite(ci95) else "n/a"  # one task: no interval
+        table.add_row(name, f"{r[metric]:.4f}", interval, str(r["episodes"]), steps)
     return table

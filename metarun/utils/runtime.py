@@ -13,10 +13,16 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = f"unknown device '{name}': use device=auto, device=cpu or device=cuda (device.name=cuda:N)"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise MetarunError(f"unknown device '{name}': use device=auto, device=cpu or device=cuda (device.name=cuda:N)") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise MetarunError(unknown) from None
+    if device.type not in ("cpu", "cuda", "mps") or (device.index is not None and device.index < 0):
+        raise MetarunError(unknown)  # meta, xla, ...: torch names them, but a run cannot compute there
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MetarunError("device.name=mps was asked for but MPS (Apple GPUs) is not available here: "
+                           "use device=auto or device=cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MetarunError("device=cuda was asked for but CUDA is not available here: use device=auto or device=cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -47,10 +53,3 @@ def build(cfg: DictConfig, **kwargs):
             raise cause from None
         message = str(cause if cause is not None else e).strip().splitlines()
         raise MetarunError(f"could not build {cfg.get('_target_')}: {message[-1] if message else e}") from None
-
-
-def require_positive(cfg: DictConfig, *keys: str) -> None:
-    """Counts such as iterations and episodes must be at least 1."""
-    for key in keys:
-        if OmegaConf.select(cfg, key) < 1:
-            raise MetarunError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")

@@ -18,7 +18,7 @@ from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.train import build_experiment, protocol
 from metarun.utils.checkpoint import load_checkpoint
-from metarun.utils.display import progress_bar, results_table
+from metarun.utils.display import progress_bar, results_table, run_title, show_results
 from metarun.utils.runtime import require_positive
 from metarun.utils.files import write_json
 from metarun.utils.task import run_task
@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     write_json(run_dir / "metrics.json", {"task": algo.task, "metric": algo.metric, "test": test,
                                           "protocol": protocol(run, algo),
                                           "config": OmegaConf.to_container(run, resolve=True)})
-    rich.print(results_table(f"{algo.__class__.__name__}: {path}", algo.metric, test, None))
+    show_results(results_table(f"{run_title(run)}: {path}", algo.metric, test, None))
     return test[algo.metric]
 
 

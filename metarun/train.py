@@ -23,7 +23,7 @@ from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
-from metarun.utils.display import print_config_tree, progress_bar, results_table
+from metarun.utils.display import print_config_tree, progress_bar, results_table, run_title, show_results
 from metarun.utils.logger import TensorBoardLogger
 from metarun.utils.runtime import build, require_positive, resolve_device
 from metarun.utils.files import write_json
@@ -217,6 +217,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         # Meta-test the chosen checkpoint on the fixed test tasks.
         chosen = load_checkpoint(ckpt_dir / f"{cfg.test.checkpoint}.pt")
         algo.load_state_dict(chosen["algo"])
+        log.info(f"meta-testing {cfg.test.episodes} tasks with checkpoints/{cfg.test.checkpoint}.pt (iteration {chosen['iteration']})")
         with progress_bar() as progress:
             test = meta_test(algo, data, "test", cfg.test.episodes, cfg.train.meta_batch_size,
                              algo.eval_inner_steps, cfg.test.eval_seed, progress)
@@ -240,7 +241,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "protocol": protocol(cfg, algo),
     }
     write_json(run_dir / "metrics.json", results)
-    rich.print(results_table(f"{algo.__class__.__name__}: {run_dir}", metric, test, best))
+    show_results(results_table(f"{run_title(cfg)}: {run_dir}", metric, test, best))
     return best[metric]
 
 

@@ -13,10 +13,11 @@ import rich
 import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 GROUP_ORDER = ("data", "model", "algo", "device", "train", "test", "seed")
 WIDE = 10_000  # columns for output that no terminal will wrap: long paths stay on one line
@@ -125,8 +126,10 @@ def run_title(cfg: DictConfig) -> str:
     return f"{algorithm_name(cfg.algo)}, {task_description(cfg.data)}"
 
 
-def results_table(title: str, metric: str, test: dict, val: dict | None) -> Table:
-    table = Table(title=title)
+def results_table(title: str, metric: str, test: dict, val: dict | None) -> Group:
+    """The title on a line of its own (a table's title would wrap a long run directory to the table's width),
+    then a row per split."""
+    table = Table()
     for column in ("split", metric, "95% CI", "tasks", "per inner step"):
         table.add_column(column, justify="right" if column != "split" else "left")
     rows = [("val (best)", val)] if val else []
@@ -134,10 +137,10 @@ def results_table(title: str, metric: str, test: dict, val: dict | None) -> Tabl
     for name, r in rows:
         steps = " ".join(f"{v:.4g}" for v in r.get("per_step", []))
         table.add_row(name, f"{r[metric]:.4f}", f"± {r['ci95']:.4f}", str(r["episodes"]), steps)
-    return table
+    return Group(Text(title, style="bold"), table)
 
 
-def show_results(table: Table) -> None:
+def show_results(table: RenderableType) -> None:
     """Print a results table, and write its plain text to the job's log file (not a second time to the console)."""
     console().print(table)
     log.info("results:\n%s", plain_text(table).rstrip("\n"), extra={"console": False})

@@ -33,12 +33,34 @@ examples:
 """
 
 
+# Config groups that only training composes; eval rebuilds them from the checkpoint's config.
+TRAIN_ONLY_GROUPS = ("algo", "data", "model", "optimizer", "scheduler", "experiment")
+
+
+def eval_group_choice(error: BaseException) -> str | None:
+    """What an eval command line set of the train-only groups (``algo=fomaml``, ``data.shots=5``), if that failed."""
+    import re
+
+    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
+    groups = "|".join(TRAIN_ONLY_GROUPS)
+    for pattern in (rf"use \+((?:{groups})(?:\.[\w.]+)?=\S*)",  # Hydra quotes the override it could not apply
+                    rf"Could not (?:override|append to) '((?:{groups})(?:\.[\w.]+)?)'",
+                    rf"Could not delete '((?:{groups})(?:\.[\w.]+)?)'",
+                    rf"In '(?:schema_)?({groups})[_/]"):  # +algo=fomaml: its schema clashes with eval's algo keys
+        if found := re.search(pattern, text):
+            return ("~" if "delete" in pattern else "") + found.group(1)
+    return None
+
+
 def describe(error: BaseException, task: str) -> str:
     """One line for a user error: Hydra's and OmegaConf's multi-line messages folded."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
     cause = error.__cause__
+    if task == "eval" and (choice := eval_group_choice(error)):
+        return (f"metarun eval takes the algorithm, data and model from the checkpoint: leave out {choice} "
+                f"('metarun eval --help' lists the keys it takes)")
     if isinstance(error, MissingConfigException) and error.options is not None:
         group = (error.missing_cfg_file or "").rsplit("/", 1)[0]
         first = str(error).splitlines()[0].split(": ", 1)[-1]

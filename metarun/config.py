@@ -291,3 +291,29 @@ def register_schemas() -> None:
 
 
 register_schemas()
+
+
+# -- run directory names -------------------------------------------------------------------------
+def ways_shots(data) -> str:
+    """``5w1s`` (ways and shots of the test tasks), or ``10s`` for data without ways (sinusoid): the
+    tail of a run directory's name, so single runs are told apart in ``outputs/`` and TensorBoard."""
+    ways = data.get("ways") if hasattr(data, "get") else None
+    shots = data.get("shots") if hasattr(data, "get") else None
+    return f"{ways}w{shots}s" if ways is not None else f"{shots}s"
+
+
+def checkpoint_name(ckpt) -> str:
+    """``maml_omniglot_5w1s_best`` for ``.../2026-11-30_05-41-02_maml_omniglot_5w1s/checkpoints/best.pt``:
+    what ``metarun eval`` evaluated, in its run directory's name (the training run's name without its date)."""
+    import re
+
+    path = Path(str(ckpt or "checkpoint"))
+    name = path.stem
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        run = re.sub(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_?", "", path.parent.parent.name)
+        name = f"{run}_{name}" if run else name
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name)[:100] or "checkpoint"
+
+
+OmegaConf.register_new_resolver("metarun.ways_shots", ways_shots, replace=True)
+OmegaConf.register_new_resolver("metarun.checkpoint_name", checkpoint_name, replace=True)

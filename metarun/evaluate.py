@@ -11,7 +11,6 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-import rich
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -21,7 +20,7 @@ from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
 from metarun.train import build_experiment, protocol
 from metarun.utils.checkpoint import load_checkpoint, load_state
-from metarun.utils.display import progress_bar, results_table
+from metarun.utils.display import progress_bar, results_table, run_title, show_results
 from metarun.utils.files import write_json
 from metarun.utils.rundir import write_hydra_record
 from metarun.utils.targets import GROUPS, option_for
@@ -89,7 +88,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     write_json(run_dir / "metrics.json", {"task": algo.task, "metric": algo.metric, "test": test,
                                           "protocol": protocol(run, algo),
                                           "config": OmegaConf.to_container(run, resolve=True)})
-    rich.print(results_table(f"{algo.__class__.__name__}: {path}", algo.metric, test, None))
+    show_results(results_table(f"{run_title(run)}: {path}", algo.metric, test, None))
     return test[algo.metric]
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import hydra
-import rich
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +24,7 @@ from metarun.evaluation import meta_test
 from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils import stop
 from metarun.utils.checkpoint import FOR_RESUME, load_checkpoint, load_state, save_checkpoint
-from metarun.utils.display import print_config_tree, progress_bar, results_table
+from metarun.utils.display import print_config_tree, progress_bar, results_table, run_title, show_results
 from metarun.utils.logger import TensorBoardLogger
 from metarun.utils.runtime import build, resolve_device
 from metarun.utils.files import write_json
@@ -274,7 +273,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "protocol": protocol(cfg, algo),
     }
     write_json(run_dir / "metrics.json", results)
-    rich.print(results_table(f"{algo.__class__.__name__}: {run_dir}", metric, test, best))
+    show_results(results_table(f"{run_title(cfg)}: {run_dir}", metric, test, best))
     return best[metric] if best is not None else float("nan")
 
 

@@ -203,3 +203,37 @@ def test_shell_completion_goes_through_the_dispatcher(tmp_path):
     assert complete("metarun train algo=") == [f"algo={a}" for a in algos]
     assert "data.shots=" in complete("metarun train data.")
     assert "test.episodes=" in complete("metarun eval test.ep")
+
+
+def test_a_run_names_its_directory_and_its_log_keeps_the_results(tmp_path):
+    import re
+
+    # No hydra.run.dir: the default run directory, in this test's own working directory; stdout is a pipe.
+    result = metarun("train", "algo=fomaml", *TINY_SINUSOID, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_fomaml_sinusoid_10s", run_dir.name)
+    assert f"run directory: {run_dir}  device: cpu" in result.stdout  # one line, not cut at 80 columns
+    title = f"FOMAML, sinusoid 10-shot: {run_dir}"
+    assert result.stdout.count(title) == 1
+    log = (run_dir / "train.log").read_text()
+    assert "meta-testing 10 tasks" in log and title in log and re.search(r"test\s+│\s+\d+\.\d+\s+│\s+± ", log)
+
+    result = metarun("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "test.episodes=5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (eval_dir,) = (tmp_path / "outputs" / "eval" / "runs").iterdir()
+    assert eval_dir.name.endswith("_fomaml_sinusoid_10s_best")
+    assert "FOMAML, sinusoid 10-shot" in (eval_dir / "eval.log").read_text()
+
+
+def test_eval_help_and_errors_name_only_what_eval_takes(tmp_path):
+    result = metarun("eval", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for key in ("ckpt=", "batch_size=", "data.root=", "data.cache_dir=", "device=", "test.episodes=", "test.eval_seed=",
+                "algo.eval_inner_steps=", "algo.batching="):
+        assert key in result.stdout, key
+    for train_only in ("algo: anil", "experiment:", "model:", "algo=fomaml", "data.shots", "optimizer:"):
+        assert train_only not in result.stdout, train_only
+    for override in ("algo=fomaml", "data=sinusoid", "model=conv4", "experiment=maml_omniglot_5w1s", "data.shots=5"):
+        result = metarun("eval", "ckpt=x.pt", override, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+        assert_one_line_error(result, "eval takes the algorithm, data and model from the checkpoint", override)

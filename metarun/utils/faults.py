@@ -45,6 +45,6 @@ def user_error(error: BaseException, kept: str = "") -> MetarunError | None:
     if _is_oom(error):
         device = "GPU memory" if isinstance(error, getattr(torch, "OutOfMemoryError", ())) else "memory"
         first = " ".join(str(error).split())[:160]
-        return MetarunError(f"out of {device} ({first}): lower train.meta_batch_size (or data.ways, data.shots, "
+        return MetarunError(f"out of {device}{f' ({first})' if first else ''}: lower train.meta_batch_size (or data.ways, data.shots, "
                             f"data.queries, algo.inner_steps), or set algo.batching=loop{tail}")
     return None

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from metarun.utils.checkpoint import load_checkpoint
 from support import TINY_OMNIGLOT, TINY_SINUSOID, omniglot_location, read_metrics
@@ -125,7 +126,8 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, sig
     assert 0 < stopped_at < 400, "the run finished before it was stopped: raise train.iterations"
     if sig == signal.SIGINT:
         assert process.returncode == 130 and "interrupted" in process.stderr.read()
-    resumed = metarun("train", *settings, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    # The hint's own command: the run directory alone resumes the run with the overrides it was started with.
+    resumed = metarun("train", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     got, want = read_metrics(run_dir), read_metrics(tmp_path / "whole")
     for timing in ("training_seconds", "wall_clock_seconds"):
@@ -237,3 +239,77 @@ def test_eval_help_and_errors_name_only_what_eval_takes(tmp_path):
     for override in ("algo=fomaml", "data=sinusoid", "model=conv4", "experiment=maml_omniglot_5w1s", "data.shots=5"):
         result = metarun("eval", "ckpt=x.pt", override, f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
         assert_one_line_error(result, "eval takes the algorithm, data and model from the checkpoint", override)
+
+
+def wait_for(path: Path, text: str, process, timeout=120):
+    deadline = time.time() + timeout
+    while not (path.exists() and text in path.read_text()):
+        assert process.poll() is None and time.time() < deadline, f"the run ended before '{text}' in {path.name}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("phase", ["validation", "test"])
+def test_sigterm_in_a_long_phase_stops_within_seconds_and_resumes_from_there(tmp_path, phase):
+    # 200,000 fixed tasks make validation (or the test) last minutes; SIGTERM must end it in seconds.
+    long = "train.val_episodes=200000" if phase == "validation" else "test.episodes=200000"
+    settings = TINY_SINUSOID + ["algo.batching=loop", long]
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "metarun", "train", *settings, f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(run_dir / "train.log", "iteration 3/6" if phase == "validation" else "meta-testing", process)
+    time.sleep(0.5)
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert time.time() - sent < 15 and process.returncode == 130, err
+    assert f"resumewith:metaruntrainhydra.run.dir={run_dir}" in "".join((out + err).split())  # however it wraps
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["iteration"] == (3 if phase == "validation" else 6) and not (run_dir / "metrics.json").exists()
+    if phase == "validation":
+        assert state["history"] == []  # the state after iteration 3, its validation still to do on resume
+
+
+def test_a_run_directory_has_one_run_and_eval_never_writes_into_it(tmp_path):
+    run_dir = tmp_path / "run"
+    settings = TINY_SINUSOID + ["algo.batching=loop"]
+    process = subprocess.Popen([sys.executable, "-m", "metarun", "train", *settings, "train.iterations=100000",
+                                "train.val_every=2", f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(run_dir / "train.log", "iteration 2: val", process)
+        second = metarun("train", *settings, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert_one_line_error(second, f"{run_dir} is in use by pid {process.pid}", "metarun train")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 130
+    before = snapshot(run_dir)
+    result = metarun("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert_one_line_error(result, "metarun train run directory, which metarun eval never writes into")
+    assert snapshot(run_dir) == before
+
+
+def test_failed_and_refused_runs_leave_no_stray_directory(tmp_path):
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "notes.txt").write_text("precious")
+    (tmp_path / "afile").write_text("")
+    for args, words in [
+        (["data=sinusoid", "model=mlp", "data.shots=0"], ["data.shots"]),  # fails inside the run
+        (TINY_SINUSOID + ["hydra.run.dir=thesis"], ["is not empty and is not a metarun run directory"]),
+        (TINY_SINUSOID + ["hydra.run.dir=afile/run"], ["not a folder", "ENOTDIR"]),
+    ]:
+        assert_one_line_error(metarun("train", *args, cwd=tmp_path), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "thesis"]
+    assert [p.name for p in (tmp_path / "thesis").iterdir()] == ["notes.txt"]
+
+
+def test_a_crafted_checkpoint_is_refused_through_the_cli(tmp_path):
+    run_dir = tmp_path / "run"
+    assert metarun("train", *TINY_SINUSOID, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    written = tmp_path / "written"
+    state["config"]["data"] = {"_target_": "pathlib.Path.write_text", "self": str(written), "data": "pwned"}
+    torch.save(state, tmp_path / "crafted.pt")
+    result = metarun("eval", f"ckpt={tmp_path / 'crafted.pt'}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert_one_line_error(result, "pathlib.Path.write_text", "not one of metarun's")
+    assert not written.exists() and not (tmp_path / "eval").exists()

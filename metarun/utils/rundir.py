@@ -51,6 +51,7 @@ class RunDirCallback(Callback):
     which folders do not exist yet, so a refused or failed run can remove exactly those."""
 
     def on_run_start(self, config, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # as run_job does next: the directory's name may use ${hydra:...}
         run_dir = Path(str(config.hydra.run.dir)).absolute()  # ${now:} is cached: the same path Hydra makes
         missing = _topmost_missing(run_dir)
         if missing is not None:

@@ -139,7 +139,7 @@ def find_or_download_archives(root: Path, url: str = OFFICIAL_URL, download: boo
                 download_file(f"{url}/{spec.filename}", path, md5=spec.md5, git_blob_sha1=spec.git_blob_sha1,
                               max_size=spec.max_bytes)
             except DownloadError as e:
-                raise DataError(_one_line(f"could not download {url}/{spec.filename} ({e.problem}): {where}")) from e
+                raise DataError(_one_line(f"download of {url}/{spec.filename} failed ({e.problem}): {where}")) from e
         paths[name] = path
     return paths
 

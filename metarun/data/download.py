@@ -155,7 +155,8 @@ def download_file(
                 expected_length = int(length_header) if length_header and length_header.isdigit() else None
                 too_long = f"check the URL, or {manual}"
                 if limit is not None and expected_length is not None and expected_length > limit:
-                    raise fail(f"the server announces {expected_length} bytes, more than the {limit} expected", too_long)
+                    raise fail(f"the server announces {expected_length} bytes, more than the {limit} expected",
+                               too_long)
                 if limit is None:
                     limit = expected_length  # http.client never reads past it; a cap all the same
 

@@ -35,8 +35,9 @@ CACHE_FORMAT_VERSION = 2
 IMAGES_PER_CHARACTER = 20
 SOURCE_SIZE = 105
 IMAGE_SIZE = 28
-# The archives are untrusted input: an Omniglot PNG (105x105, 1 bit) is about 300 bytes to a few KB, so
-# a member declaring more than this uncompressed is a zip bomb or not Omniglot, refused before inflating.
+# The archives are untrusted input: an Omniglot PNG (105x105, 1 bit) takes under 1 KB (at most 578 bytes in
+# the repacked copies), so a member declaring more than this uncompressed is a zip bomb or not Omniglot,
+# refused before it is inflated.
 MAX_PNG_BYTES = 1 << 20
 
 
@@ -51,7 +52,6 @@ class ArchiveSpec:
     characters: int
     images: int
     max_bytes: int  # a download longer than this is cut: a cap, not the exact size
-
 
     @property
     def top_folder(self) -> str:
@@ -124,7 +124,8 @@ def find_or_download_archives(root: Path, url: str = OFFICIAL_URL, download: boo
     """Paths of both archives under ``root/omniglot``, downloading (and verifying) missing ones."""
     folder = Path(root) / "omniglot"
     url = url.rstrip("/")
-    where = "set data.root or METARUN_DATA_DIR to a folder with omniglot/images_background.zip and images_evaluation.zip"
+    where = ("set data.root or METARUN_DATA_DIR to a folder with omniglot/images_background.zip and "
+             "images_evaluation.zip")
     _remove_stale_temps(folder, DOWNLOAD_TEMPS)
     paths: dict[str, Path] = {}
     for name in ARCHIVE_NAMES:
@@ -220,7 +221,8 @@ def _read_cache(path: Path) -> OmniglotImages | None:
     except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt, never fatal
         ok = False
     if not ok:
-        log.warning(f"the Omniglot cache {path} is damaged (unreadable, or its content does not match its stored sha256): decoding again")
+        log.warning(f"the Omniglot cache {path} is damaged (unreadable, or its content does not match its stored "
+                    f"sha256): decoding again")
         return None
     return OmniglotImages(images=images, alphabets=alphabets, characters=characters, background=background)
 
@@ -240,7 +242,8 @@ def _write_cache(path: Path, data: OmniglotImages) -> None:
                 f,
             )
     except OSError as e:
-        log.warning(f"could not write the Omniglot cache {path} ({e.strerror or e}); it will be decoded again next time")
+        log.warning(f"could not write the Omniglot cache {path} ({e.strerror or e}); "
+                    f"it will be decoded again next time")
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:

@@ -104,28 +104,67 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, shared_data_root, omnig
     assert "exceeds the 20 images" in (failed / "train.log").read_text()
 
 
+# The real CLI, holding one meta-iteration until the test's signal has arrived: the stop lands mid-way
+# between checkpoints however fast or loaded the machine is (a sleep before the signal let a fast machine
+# finish the run first, and a slow one not reach a checkpoint in time).
+HOLD_ONE_ITERATION = textwrap.dedent("""
+    import signal, sys, threading, time
+    from pathlib import Path
+    from metarun.algos.maml import MAML
+    from metarun.cli import main
+
+    cue, hold_at, calls = Path(sys.argv[1]), int(sys.argv[2]), []
+    real_meta_loss = MAML.meta_loss
+
+    def meta_loss(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == hold_at:
+            arrived = threading.Event()
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+            def seen(signum, frame):
+                signal.signal(signum, handlers[signum])
+                arrived.set()
+                if callable(handlers[signum]):
+                    handlers[signum](signum, frame)  # the run's own handler: a stop request
+
+            for s in handlers:
+                signal.signal(s, seen)
+            cue.touch()
+            while not arrived.is_set():  # SIGKILL ends the process here
+                time.sleep(0.01)
+        return real_meta_loss(self, *args, **kwargs)
+
+    MAML.meta_loss = meta_loss
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, sig):
     # A fixed path: two runs that tuned batching=auto apart may take different paths, whose float32
     # rounding differs (test_train checks that a resumed run keeps the path its checkpoint records).
-    settings = TINY_SINUSOID + ["train.iterations=400", "train.val_every=25", "algo.batching=loop"]
+    settings = TINY_SINUSOID + ["train.iterations=60", "train.val_every=25", "algo.batching=loop"]
     whole = metarun("train", *settings, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
 
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "metarun", "train", *settings, f"hydra.run.dir={run_dir}"],
+    run_dir, cue = tmp_path / "killed", tmp_path / "held"
+    process = subprocess.Popen([sys.executable, "-c", HOLD_ONE_ITERATION, str(cue), "37", "train", *settings,
+                                f"hydra.run.dir={run_dir}"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "last.pt").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+    while not cue.exists():  # iteration 37 is held, after the checkpoint of iteration 25
+        assert process.poll() is None, process.stderr.read()
         time.sleep(0.05)
-    time.sleep(0.3)
     process.send_signal(sig)
-    process.wait(timeout=120)
+    stderr = process.communicate(timeout=300)[1]
     stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"]
-    assert 0 < stopped_at < 400, "the run finished before it was stopped: raise train.iterations"
     if sig == signal.SIGINT:
-        assert process.returncode == 130 and "interrupted" in process.stderr.read()
+        # The stop cuts the held meta-batch short between its tasks and saves the state after the last
+        # completed iteration (36): a checkpoint between the periodic ones, with iteration 37's draws rewound.
+        assert process.returncode == 130 and "interrupted" in stderr, stderr
+        assert stopped_at == 36
+    else:
+        assert stopped_at == 25  # the last periodic checkpoint; iterations 26-36 are lost and redone
     # The hint's own command: the run directory alone resumes the run with the overrides it was started with.
     resumed = metarun("train", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -161,15 +200,31 @@ def test_regular_install_runs_from_another_directory(tmp_path):
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path / "wheels"), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
+    # The new venv gets metarun's dependencies from the interpreter running the tests through a .pth file,
+    # not --system-site-packages: run from inside a venv, that flag shows the base Python's packages, which
+    # a fresh venv's base does not have. Offline: pip installs only the wheel.
+    import site
+    import sysconfig
+
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    ours = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        ours.append(site.getusersitepackages())
+    theirs = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    # Plain path lines: the .pth files there (this checkout's editable install) stay unprocessed, and the
+    # venv's own site-packages come first, so the installed wheel is what imports.
+    (Path(theirs) / "_metarun_test_dependencies.pth").write_text(
+        "".join(f"{p}\n" for p in dict.fromkeys(ours) if Path(p).is_dir()))
     wheel = next((tmp_path / "wheels").glob("metarun-*.whl"))
-    install = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
-                             capture_output=True, text=True)
+    # --ignore-installed: the editable metarun of this checkout is visible too and has the same version.
+    install = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps",
+                              "--no-index", "--ignore-installed", str(wheel)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
     where = subprocess.run([venv / "bin" / "python", "-c", "import metarun; print(metarun.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True)
-    assert str(venv) in where.stdout
+    assert where.stdout.startswith(str(venv)) and str(REPO) not in where.stdout, where.stdout + where.stderr
     result = subprocess.run([venv / "bin" / "metarun", "train", "--cfg", "job", "algo=fomaml"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "first_order: true" in result.stdout, result.stderr

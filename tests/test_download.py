@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
+import resource
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +15,7 @@ from typing import Callable
 
 import pytest
 
+from metarun.data import download
 from metarun.data.download import download_file, file_git_blob_sha1, file_md5, git_blob_sha1_bytes
 from metarun.errors import DataError
 
@@ -60,7 +64,8 @@ def reply(body: bytes, status: int = 200, ctype: str = "application/octet-stream
     def handle(h: BaseHTTPRequestHandler) -> None:
         h.send_response(status)
         h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(len(body) if length is None else length))
+        if length != -1:  # -1: no Content-Length, the body ends when the connection closes
+            h.send_header("Content-Length", str(len(body) if length is None else length))
         h.end_headers()
         h.wfile.write(body)
         h.close_connection = True  # a Content-Length above len(body) then reads as a cut transfer
@@ -148,6 +153,12 @@ FAILURES = {
         f"git blob sha1 mismatch: expected {git_blob_sha1_bytes(bytes(len(BODY)))}, got {BODY_BLOB}",
     ),
     "size": (reply(BODY), {"size": len(BODY) + 1}, "size mismatch"),
+    # A body longer than expected is refused when announced, cut as soon as it exceeds it otherwise.
+    "announced_over_size": (reply(BODY), {"size": 1000}, f"announces {len(BODY)} bytes, more than the 1000 expected"),
+    "announced_over_cap": (reply(BODY), {"max_size": 1000}, f"announces {len(BODY)} bytes, more than the 1000 exp"),
+    "unannounced_over_size": (reply(BODY, length=-1), {"size": 1000}, "transfer cut: the server sent more than the 1000"),
+    # Bytes past Content-Length are never read; checksums then catch the body as it was announced.
+    "longer_than_content_length": (reply(BODY, length=1000), {"md5": BODY_MD5}, "md5 mismatch"),
 }
 
 
@@ -201,3 +212,93 @@ def test_timeout_is_a_data_error(server: LoopbackServer, tmp_path: Path, stall: 
     message = assert_one_line(info.value)
     assert url in message and "network" in message
     assert not dest.exists() and not part_files(tmp_path)
+
+
+def endless(server: LoopbackServer) -> Route:
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.end_headers()  # no Content-Length: nothing says where the body ends
+        try:
+            while not server.release.is_set():
+                h.wfile.write(BODY[:65536])
+        except OSError:  # the client cut the transfer
+            pass
+        h.close_connection = True
+
+    return handle
+
+
+@pytest.mark.parametrize("limit", ["size", "max_size"])
+def test_an_endless_body_is_cut_at_the_limit(server: LoopbackServer, tmp_path: Path, limit: str) -> None:
+    url = server.route("/endless", endless(server))
+    dest = tmp_path / "endless"
+    with pytest.raises(DataError) as info:
+        download_file(url, dest, **{limit: 500_000}, timeout=10)
+    message = assert_one_line(info.value)
+    assert "transfer cut: the server sent more than the 500000 bytes expected" in message and url in message
+    assert not dest.exists() and not part_files(tmp_path)
+
+
+def test_the_body_never_exceeds_the_limit_on_disk(server: LoopbackServer, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    written = []
+    real = download._write_all
+    monkeypatch.setattr(download, "_write_all", lambda out, data: (written.append(len(data)), real(out, data)))
+    url = server.route("/endless", endless(server))
+    with pytest.raises(DataError):
+        download_file(url, tmp_path / "endless", max_size=200_000, timeout=10)
+    assert sum(written) <= 200_000
+
+
+@pytest.mark.parametrize("code, expected", [
+    (errno.ENOSPC, "disk full while writing into {folder}"),
+    (errno.EDQUOT, "disk full while writing into {folder}"),
+    (errno.EFBIG, "file size limit reached while writing into {folder}"),
+    (errno.EACCES, "cannot write into {folder}"),
+])
+def test_a_failing_disk_is_not_reported_as_the_network(server: LoopbackServer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, code: int, expected: str) -> None:
+    chunks = []
+
+    def write_all(out, data):
+        if chunks:  # the first chunk fits, the second finds the disk full
+            raise OSError(code, os.strerror(code))
+        chunks.append(data)
+        out.write(data)
+
+    monkeypatch.setattr(download, "_write_all", write_all)
+    url = server.route("/f.zip", reply(BODY))
+    dest = tmp_path / "data" / "f.zip"
+    dest.parent.mkdir()
+    dest.write_bytes(b"previous content")
+    with pytest.raises(DataError) as info:
+        download_file(url, dest, md5=BODY_MD5)
+    message = assert_one_line(info.value)
+    assert expected.format(folder=dest.parent) in message
+    assert "connection" not in message and "network" not in message
+    assert dest.read_bytes() == b"previous content" and not part_files(dest.parent)
+
+
+def test_a_real_file_size_limit_is_reported_as_such(server: LoopbackServer, tmp_path: Path) -> None:
+    # RLIMIT_FSIZE makes the kernel refuse the write with EFBIG (Python ignores SIGXFSZ): no mock involved.
+    url = server.route("/f.zip", reply(BODY))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(DataError) as info:
+            download_file(url, tmp_path / "f.zip", md5=BODY_MD5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = assert_one_line(info.value)
+    assert f"file size limit reached while writing into {tmp_path}" in message
+    assert not part_files(tmp_path) and not (tmp_path / "f.zip").exists()
+
+
+def test_an_unwritable_destination_is_one_line(server: LoopbackServer, tmp_path: Path) -> None:
+    url = server.route("/f.zip", reply(BODY))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the data folder should be")
+    with pytest.raises(DataError) as info:
+        download_file(url, blocker / "omniglot" / "f.zip")
+    assert f"cannot write into {blocker / 'omniglot'}" in assert_one_line(info.value)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import logging
+import os
 import random
 import shutil
 import socket
 import stat
 import threading
+import time
 import zipfile
 import zlib
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -20,9 +23,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from conftest import snapshot
 from metarun.data import omniglot_files as of
 from metarun.data.download import file_git_blob_sha1, file_md5
 from metarun.errors import DataError
+from metarun.utils import stop
+from metarun.utils.files import STALE_TEMP_SECONDS
 
 NAMES = ("images_background", "images_evaluation")
 
@@ -89,6 +95,7 @@ def tiny_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             alphabets=len(layout),
             characters=sum(layout.values()),
             images=20 * sum(layout.values()),
+            max_bytes=10 * path.stat().st_size,
         )
     monkeypatch.setattr(of, "ARCHIVES", specs)
     return tmp_path / "root"
@@ -138,10 +145,6 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/python"
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 # ----------------------------------------------------------------------------- specs
@@ -208,46 +211,12 @@ def test_second_load_comes_from_the_cache(
 
 
 def test_loading_from_the_shared_root_writes_nothing_there(
-    omniglot: of.OmniglotImages, shared_data_root: Path, omniglot_cache_dir: Path
+    omniglot: of.OmniglotImages, shared_data_root: Path, shared_data_before: dict, omniglot_cache_dir: Path
 ) -> None:
-    before = snapshot(shared_data_root)
     of.load_omniglot(shared_data_root, cache_dir=omniglot_cache_dir, download=False)
-    assert snapshot(shared_data_root) == before
-    # The session's first load (which decoded) must not have left anything there either.
-    leftovers = [p for p in (shared_data_root / "omniglot").iterdir() if p.suffix in {".pt", ".part", ".tmp"}]
-    assert leftovers == []
-
-
-def test_truncated_archive_is_a_data_error(tmp_path: Path, shared_data_root: Path) -> None:
-    folder = tmp_path / "root" / "omniglot"
-    folder.mkdir(parents=True)
-    data = (shared_data_root / "omniglot" / "images_background.zip").read_bytes()
-    (folder / "images_background.zip").write_bytes(data[: len(data) // 2])
-    shutil.copyfile(shared_data_root / "omniglot" / "images_evaluation.zip", folder / "images_evaluation.zip")
-    with pytest.raises(DataError) as info:
-        of.load_omniglot(tmp_path / "root", cache_dir=tmp_path / "cache", download=False)
-    message = one_line(info.value)
-    assert str(folder / "images_background.zip") in message
-    assert "delete it" in message and of.OFFICIAL_URL in message
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
-
-
-def test_archive_missing_a_character_folder_is_a_data_error(tmp_path: Path, shared_data_root: Path) -> None:
-    folder = tmp_path / "root" / "omniglot"
-    folder.mkdir(parents=True)
-    shutil.copyfile(shared_data_root / "omniglot" / "images_background.zip", folder / "images_background.zip")
-    dropped = "images_evaluation/Angelic/character03/"
-    with zipfile.ZipFile(shared_data_root / "omniglot" / "images_evaluation.zip") as src, \
-            zipfile.ZipFile(folder / "images_evaluation.zip", "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            if not info.filename.startswith(dropped):
-                dst.writestr(info, src.read(info))
-    with pytest.raises(DataError) as info:
-        of.load_omniglot(tmp_path / "root", cache_dir=tmp_path / "cache", download=False)
-    message = one_line(info.value)
-    assert str(folder / "images_evaluation.zip") in message
-    assert "658 characters" in message and "13160 images" in message
-    assert "delete it" in message
+    # Compared with the root before the session's first load (which decoded), not with an empty folder:
+    # a user's data root may hold the decode cache of their own earlier runs.
+    assert snapshot(shared_data_root) == shared_data_before
 
 
 # ----------------------------------------------------------------------------- downloading
@@ -280,14 +249,77 @@ def test_end_to_end_download_verify_and_decode(
     assert len(server.requests) == 2
 
 
-def test_download_is_checked_against_the_official_checksums(served_shared, tmp_path: Path) -> None:
-    server, _ = served_shared  # the repacked copies do not match the official md5
-    root = tmp_path / "root"
-    with pytest.raises(DataError) as info:
-        of.find_or_download_archives(root, url=server.url)
+def serve(folder: Path, monkeypatch: pytest.MonkeyPatch) -> ArchiveServer:
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a proxy would route loopback requests elsewhere
+    return ArchiveServer(folder)
+
+
+def test_download_verify_and_decode_generated_archives(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same path as the real archives' (download, verify, decode, cache), without needing them.
+    served = tmp_path / "served" / "python"
+    shutil.copytree(tiny_root / "omniglot", served)
+    server = serve(tmp_path / "served", monkeypatch)
+    try:
+        root = tmp_path / "fresh"
+        loaded = of.load_omniglot(root, cache_dir=tmp_path / "cache", url=server.url)
+        expected = of.load_omniglot(tiny_root, cache_dir=tmp_path / "cache2", download=False)
+    finally:
+        server.close()
+    assert sorted(server.requests) == ["/python/images_background.zip", "/python/images_evaluation.zip"]
+    assert sorted(p.name for p in (root / "omniglot").iterdir()) == ["images_background.zip", "images_evaluation.zip"]
+    assert torch.equal(loaded.images, expected.images) and loaded.characters == expected.characters
+
+
+def test_download_is_checked_against_the_official_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served = tmp_path / "served" / "python"
+    served.mkdir(parents=True)
+    for name, layout in TINY.items():  # right names, not the official files
+        write_zip(served / f"{name}.zip", tiny_members(name, layout))
+    server = serve(tmp_path / "served", monkeypatch)
+    root = tmp_path / "fresh"
+    try:
+        with pytest.raises(DataError) as info:
+            of.find_or_download_archives(root, url=server.url)
+    finally:
+        server.close()
     message = one_line(info.value)
     assert "md5 mismatch" in message and of.ARCHIVES["images_background"].md5 in message
     assert list((root / "omniglot").iterdir()) == []  # nothing unverified is kept
+
+
+def test_an_endless_download_is_cut_at_the_archive_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Endless(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+            self.send_response(200)  # no Content-Length: the body ends when the connection does
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(bytes(1 << 16))
+            except OSError:
+                pass
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    cap = 200_000
+    monkeypatch.setitem(of.ARCHIVES, "images_background",
+                        dataclasses.replace(of.ARCHIVES["images_background"], max_bytes=cap))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with pytest.raises(DataError) as info:
+            of.find_or_download_archives(tmp_path, url=f"http://127.0.0.1:{httpd.server_address[1]}/python")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = one_line(info.value)
+    assert f"more than the {cap} bytes expected" in message and "data.root" in message
+    assert list((tmp_path / "omniglot").iterdir()) == []
 
 
 def test_missing_archives_without_download(tmp_path: Path) -> None:
@@ -295,7 +327,8 @@ def test_missing_archives_without_download(tmp_path: Path) -> None:
         of.load_omniglot(tmp_path, cache_dir=tmp_path / "cache", download=False)
     message = one_line(info.value)
     assert str(tmp_path / "omniglot") in message
-    assert f"{of.OFFICIAL_URL}/images_background.zip" in message
+    assert "data.root" in message and "METARUN_DATA_DIR" in message and "data.download" in message
+    assert len(message) - len(str(tmp_path)) < 200  # one short sentence
 
 
 def test_failed_download_says_where_to_put_the_archives(tmp_path: Path) -> None:
@@ -303,8 +336,9 @@ def test_failed_download_says_where_to_put_the_archives(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         of.find_or_download_archives(tmp_path, url=url)
     message = one_line(info.value)
-    assert f"{url}/images_background.zip" in message
-    assert f"in {tmp_path / 'omniglot'}" in message
+    assert f"{url}/images_background.zip" in message and "cannot reach the server" in message
+    assert "data.root" in message and "METARUN_DATA_DIR" in message
+    assert len(message) - len(url) < 250
     assert list((tmp_path / "omniglot").iterdir()) == []
 
 
@@ -360,6 +394,93 @@ def test_bad_cache_file_is_rebuilt(tiny_root: Path, tmp_path: Path, damage: str)
     assert torch.equal(torch.load(path, weights_only=True)["images"], first.images)  # rewritten
 
 
+@pytest.mark.parametrize("damage", ["flipped_byte_on_disk", "resaved_with_other_pixels"])
+def test_cache_content_is_verified_against_its_hash(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    cache = tmp_path / "cache"
+    first = of.load_omniglot(tiny_root, cache_dir=cache, download=False)
+    (path,) = cache.iterdir()
+    if damage == "flipped_byte_on_disk":
+        data = bytearray(path.read_bytes())
+        at = bytes(data).index(first.images.numpy().tobytes())  # torch stores tensor bytes as they are
+        data[at + len(first.images.numpy().tobytes()) // 2] ^= 0x5A
+        path.write_bytes(bytes(data))
+    else:  # the right shapes and a well-formed file: only the hash can tell
+        blob = torch.load(path, weights_only=True)
+        blob["images"][0, 0, 14, 14] ^= 1
+        torch.save(blob, path)
+
+    decodes = []
+    real = of._decode_archives
+    monkeypatch.setattr(of, "_decode_archives", lambda paths: decodes.append(1) or real(paths))
+    with caplog.at_level(logging.WARNING, logger="metarun"):
+        again = of.load_omniglot(tiny_root, cache_dir=cache, download=False)
+    assert decodes == [1]  # rebuilt, not served from the damaged file
+    assert torch.equal(again.images, first.images) and again.characters == first.characters
+    assert any("damaged" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metarun"):
+        third = of.load_omniglot(tiny_root, cache_dir=cache, download=False)  # the rewritten cache is good
+    assert decodes == [1] and torch.equal(third.images, first.images) and not caplog.records
+
+
+def test_stale_temporary_files_are_removed_and_fresh_ones_kept(tiny_root: Path, tmp_path: Path) -> None:
+    # Rule: untouched for STALE_TEMP_SECONDS. A concurrent writer's file is younger than that (a cache write
+    # takes seconds; a download writes at least once per 60 s read timeout), a killed writer's grows older.
+    cache, archives = tmp_path / "cache", tiny_root / "omniglot"
+    cache.mkdir()
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    stale = [cache / ".omniglot-v2-0123456789abcdef.pt.k1ll3d.tmp", archives / ".images_background.zip.k1ll3d.part"]
+    fresh = [cache / ".omniglot-v2-0123456789abcdef.pt.w0rk1n.tmp", archives / ".images_evaluation.zip.w0rk1n.part"]
+    others = [cache / "notes.tmp", archives / ".something-else.part"]  # not ours: never touched, however old
+    for p in stale + fresh + others:
+        p.write_bytes(b"half written")
+    for p in stale + others:
+        os.utime(p, (old, old))
+    of.load_omniglot(tiny_root, cache_dir=cache, download=False)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in fresh + others)
+
+
+def test_decoding_stops_between_characters_on_a_stop_request(
+    tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = []
+    real = of._decode_png
+
+    def decode_png(*args):
+        decoded.append(1)
+        if len(decoded) == 25:  # a SIGINT/SIGTERM arrives while the second character is decoded
+            stop._requested.set()
+        return real(*args)
+
+    monkeypatch.setattr(of, "_decode_png", decode_png)
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(stop.StopRequested):
+            of.load_omniglot(tiny_root, cache_dir=cache, download=False)
+    finally:
+        stop._requested.clear()
+    assert len(decoded) == 40  # the second character finished, the third never started
+    assert not cache.exists() or list(cache.iterdir()) == []  # no cache, no temporary file
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(tiny_root: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tiny_root / "omniglot" / f"{BG}.zip"
+    bomb = f"{BG}/Beta/character01/0001_01.png"
+    write_zip(path, {**tiny_members(BG, TINY[BG]), bomb: bytes(of.MAX_PNG_BYTES + 1)})  # deflates to ~1 KB
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(
+        getattr(name, "filename", name)) or real_open(self, name, *a, **k))
+    with pytest.raises(DataError) as info:
+        of.load_omniglot(tiny_root, cache_dir=tmp_path / "cache", download=False)
+    assert f"{bomb} declares {of.MAX_PNG_BYTES + 1} bytes uncompressed" in one_line(info.value)
+    assert opened == []  # refused from the directory alone: no member was read, let alone inflated
+
+
 def test_default_cache_dir(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tiny_root / "omniglot"
     of.load_omniglot(tiny_root, download=False)
@@ -391,6 +512,12 @@ def _flip_byte_inside_first_png(path: Path) -> None:
 BG = "images_background"
 BAD = {
     "not_a_zip": (lambda m, p: p.write_bytes(b"PK\x03\x04 but not really a zip" * 10), "not a readable zip"),
+    "truncated": (lambda m, p: (write_zip(p, m), p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+                  "not a readable zip"),
+    "missing_character_folder": (
+        lambda m, p: write_zip(p, {k: v for k, v in m.items() if "/Alpha/character03/" not in k}),
+        "it holds 2 alphabets, 4 characters, 80 images; expected 2, 5, 100",
+    ),
     "crc_error": (lambda m, p: (write_zip(p, m, zipfile.ZIP_STORED), _flip_byte_inside_first_png(p)), "CRC"),
     "small_image": (
         lambda m, p: write_zip(p, {**m, f"{BG}/Beta/character01/0001_01.png": png_bytes(1, (104, 105))}),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import logging
 import os
 import stat
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -18,18 +19,26 @@ import torch
 from PIL import Image, ImageOps
 from rich.progress import MofNCompleteColumn
 
-from metarun.data.download import download_file
+from metarun.data.download import DownloadError, download_file
 from metarun.errors import DataError
-from metarun.utils.files import atomic_write
+from metarun.utils import stop
 from metarun.utils.display import transient_progress
+from metarun.utils.files import atomic_write, remove_stale_temps
+
+log = logging.getLogger("metarun")
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 
-# Bump when decoding changes (size, filter, layout): old cache files then simply stop matching.
-CACHE_FORMAT_VERSION = 1
+# Bump when decoding or the cache file changes (size, filter, layout, the stored hash): old cache files
+# then simply stop matching. v2: the cache stores a sha256 of its content and is verified on load.
+CACHE_FORMAT_VERSION = 2
 IMAGES_PER_CHARACTER = 20
 SOURCE_SIZE = 105
 IMAGE_SIZE = 28
+# The archives are untrusted input: an Omniglot PNG (105x105, 1 bit) takes under 1 KB (at most 578 bytes in
+# the repacked copies), so a member declaring more than this uncompressed is a zip bomb or not Omniglot,
+# refused before it is inflated.
+MAX_PNG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class ArchiveSpec:
     alphabets: int
     characters: int
     images: int
+    max_bytes: int  # a download longer than this is cut: a cap, not the exact size
 
     @property
     def top_folder(self) -> str:
@@ -49,7 +59,8 @@ class ArchiveSpec:
 
 
 # The official byte sizes are not known offline; the git blob sha1 hashes b"blob <size>\0" + content,
-# so it pins the size as well as the content.
+# so it pins the size as well as the content. max_bytes, only a bound on an endless or huge response,
+# is about twice the repacked copies' sizes (9,006,415 and 6,163,654 bytes).
 ARCHIVES: dict[str, ArchiveSpec] = {
     "images_background": ArchiveSpec(
         filename="images_background.zip",
@@ -58,6 +69,7 @@ ARCHIVES: dict[str, ArchiveSpec] = {
         alphabets=30,
         characters=964,
         images=19280,
+        max_bytes=18_000_000,
     ),
     "images_evaluation": ArchiveSpec(
         filename="images_evaluation.zip",
@@ -66,6 +78,7 @@ ARCHIVES: dict[str, ArchiveSpec] = {
         alphabets=20,
         characters=659,
         images=13180,
+        max_bytes=12_500_000,
     ),
 }
 
@@ -96,14 +109,24 @@ def _bad_archive(path: Path, problem: str) -> DataError:
     )
 
 
+# Temporary files of interrupted writes: atomic_write's ".<name>.<random>.tmp" beside the cache and
+# download_file's ".<name>.<random>.part" beside the archives.
+CACHE_TEMPS = (".omniglot-*.pt.*.tmp",)
+DOWNLOAD_TEMPS = tuple(f".{spec.filename}.*.part" for spec in ARCHIVES.values())
+
+
+def _remove_stale_temps(folder: Path, patterns: tuple[str, ...]) -> None:
+    for path in remove_stale_temps(folder, patterns):
+        log.info(f"removed {path}, left by an interrupted write")
+
+
 def find_or_download_archives(root: Path, url: str = OFFICIAL_URL, download: bool = True) -> dict[str, Path]:
     """Paths of both archives under ``root/omniglot``, downloading (and verifying) missing ones."""
     folder = Path(root) / "omniglot"
     url = url.rstrip("/")
-    where = (
-        f"put images_background.zip and images_evaluation.zip in {folder} "
-        f"(from {url}/images_background.zip and {url}/images_evaluation.zip)"
-    )
+    where = ("set data.root or METARUN_DATA_DIR to a folder with omniglot/images_background.zip and "
+             "images_evaluation.zip")
+    _remove_stale_temps(folder, DOWNLOAD_TEMPS)
     paths: dict[str, Path] = {}
     for name in ARCHIVE_NAMES:
         spec = ARCHIVES[name]
@@ -112,11 +135,12 @@ def find_or_download_archives(root: Path, url: str = OFFICIAL_URL, download: boo
         # so repacked copies with other checksums still work.
         if not path.is_file():
             if not download:
-                raise DataError(_one_line(f"Omniglot archive {path} is missing and downloading is off; {where}"))
+                raise DataError(f"Omniglot archive {path} is missing and data.download is false: {where}")
             try:
-                download_file(f"{url}/{spec.filename}", path, md5=spec.md5, git_blob_sha1=spec.git_blob_sha1)
-            except DataError as e:
-                raise DataError(_one_line(f"could not get Omniglot archive {spec.filename}: {e} ({where})")) from e
+                download_file(f"{url}/{spec.filename}", path, md5=spec.md5, git_blob_sha1=spec.git_blob_sha1,
+                              max_size=spec.max_bytes)
+            except DownloadError as e:
+                raise DataError(_one_line(f"download of {url}/{spec.filename} failed ({e.problem}): {where}")) from e
         paths[name] = path
     return paths
 
@@ -162,8 +186,18 @@ def _expected_characters() -> int:
     return sum(ARCHIVES[name].characters for name in ARCHIVE_NAMES)
 
 
+def _content_hash(images: torch.Tensor, alphabets: list[str], characters: list[str],
+                  background: torch.Tensor) -> str:
+    """sha256 of the decoded images and their metadata: what the cache file must hold exactly."""
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_FORMAT_VERSION, list(images.shape), alphabets, characters]).encode())
+    h.update(images.contiguous().numpy())
+    h.update(background.to(torch.uint8).contiguous().numpy())
+    return h.hexdigest()
+
+
 def _read_cache(path: Path) -> OmniglotImages | None:
-    """The cached images, or None when the file is missing, unreadable or not what we wrote."""
+    """The cached images, or None when the file is missing, unreadable or not exactly what we wrote."""
     if not path.is_file():
         return None
     try:
@@ -180,10 +214,15 @@ def _read_cache(path: Path) -> OmniglotImages | None:
             and tuple(background.shape) == (n,)
             and len(alphabets) == n
             and len(characters) == n
+            and all(isinstance(x, str) for x in alphabets + characters)
         )
+        # The right shapes are not enough: flipped bits on disk would train on wrong pixels.
+        ok = ok and blob.get("sha256") == _content_hash(images, alphabets, characters, background)
     except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt, never fatal
-        return None
+        ok = False
     if not ok:
+        log.warning(f"the Omniglot cache {path} is damaged (unreadable, or its content does not match its stored "
+                    f"sha256): decoding again")
         return None
     return OmniglotImages(images=images, alphabets=alphabets, characters=characters, background=background)
 
@@ -198,11 +237,13 @@ def _write_cache(path: Path, data: OmniglotImages) -> None:
                     "alphabets": data.alphabets,
                     "characters": data.characters,
                     "background": data.background,
+                    "sha256": _content_hash(data.images, data.alphabets, data.characters, data.background),
                 },
                 f,
             )
     except OSError as e:
-        warnings.warn(f"could not write the Omniglot cache {path} ({e}); it will be decoded again next time")
+        log.warning(f"could not write the Omniglot cache {path} ({e.strerror or e}); "
+                    f"it will be decoded again next time")
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -223,6 +264,9 @@ def _scan(zf: zipfile.ZipFile, path: Path, spec: ArchiveSpec) -> list[tuple[str,
             continue
         if not base.lower().endswith(".png"):
             continue
+        if info.file_size > MAX_PNG_BYTES:
+            raise _bad_archive(path, f"{name} declares {info.file_size} bytes uncompressed, more than the "
+                                     f"{MAX_PNG_BYTES} an Omniglot image can take (a zip bomb?)")
         parts = name.split("/")
         if len(parts) != 4 or parts[0] != spec.top_folder:
             raise _bad_archive(path, f"unexpected entry {name!r}, expected {spec.top_folder}/ALPHABET/characterNN/*.png")
@@ -284,6 +328,7 @@ def _decode_archives(paths: dict[str, Path]) -> OmniglotImages:
             task = progress.add_task("decoding Omniglot", total=n_characters * IMAGES_PER_CHARACTER)
             for name, zf, layout in layouts:
                 for alphabet, character, members in layout:
+                    stop.check()  # a character takes milliseconds: SIGINT/SIGTERM stop the ~10 s decode at once
                     index = len(characters)
                     for drawer, member in enumerate(members):
                         images[index, drawer] = _decode_png(zf, paths[name], member)
@@ -309,6 +354,7 @@ def load_omniglot(
     """All 1623 Omniglot characters, decoded once into a cache file and loaded from it afterwards."""
     paths = find_or_download_archives(root, url=url, download=download)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    _remove_stale_temps(folder, CACHE_TEMPS)
     cache_path = folder / cache_file_name(paths)
     cached = _read_cache(cache_path)
     if cached is not None:

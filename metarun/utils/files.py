@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +39,35 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# A temporary file untouched this long has lost its writer. Age, not the writer's pid: the pid is not in
+# the name (mkstemp picks it) and means nothing on another machine sharing the folder (NFS, a cluster's
+# data disk). Live writers touch their file far more often: a cache write takes seconds and a download
+# writes at least once per read timeout (60 s) or fails.
+STALE_TEMP_SECONDS = 15 * 60
+
+
+def remove_stale_temps(folder: Path, patterns: Iterable[str], older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete files in ``folder`` matching ``patterns`` (e.g. ``.name.*.tmp`` of ``atomic_write``) that were
+    last modified more than ``older_than`` seconds ago: leftovers of a killed writer. Returns what it removed;
+    a folder that cannot be read or written is left alone."""
+    cutoff = time.time() - older_than
+    removed = []
+    for pattern in patterns:
+        try:
+            candidates = sorted(Path(folder).glob(pattern))
+        except OSError:
+            continue
+        for path in candidates:
+            try:
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except OSError:  # gone meanwhile, or a read-only folder: nothing to clean here
+                continue
+    return removed
 
 
 def strict_json(value):

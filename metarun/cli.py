@@ -6,6 +6,7 @@ after it. Errors from bad input are printed as one line naming the problem and t
 """
 
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -55,7 +56,8 @@ def eval_group_choice(error: BaseException) -> str | None:
 def describe(error: BaseException, task: str) -> str:
     """One line for a user error: Hydra's and OmegaConf's multi-line messages folded."""
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
+                                  ValidationError)
 
     cause = error.__cause__
     if task == "eval" and (choice := eval_group_choice(error)):
@@ -67,6 +69,9 @@ def describe(error: BaseException, task: str) -> str:
         return f"{first}: choose {group} from {', '.join(sorted(error.options))}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
         return f"unknown key '{cause.full_key}': check its spelling ('metarun {task} --cfg job' lists every key)"
+    missing = next((e for e in (error, cause) if isinstance(e, MissingMandatoryValue)), None)
+    if missing is not None and getattr(missing, "full_key", None):
+        return f"{missing.full_key} is required: give it on the command line ({missing.full_key}=...; 'metarun {task} --help')"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     parts = [str(error)] + ([str(cause)] if isinstance(cause, OmegaConfBaseException) else [])
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Hydra re-raises instead of printing its own multi-line report, so every error gets one line here.
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    logging.raiseExceptions = debug  # a log write that fails (full disk) prints no traceback; the next save reports it
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["metarun", *argv[1:]]  # the name Hydra's shell completion registers
     from metarun.errors import MetarunError

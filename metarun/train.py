@@ -259,7 +259,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             log.warning(f"stopped at iteration {iteration}; resume with: metarun train hydra.run.dir={run_dir}")
         else:
             log.warning("stopped before the first iteration; nothing to resume")
-        raise
+        raise stop.StopRequested("reported") from None
     finally:
         logger.close()
 

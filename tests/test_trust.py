@@ -352,3 +352,19 @@ def test_a_stop_during_validation_validates_on_resume(tmp_path, monkeypatch):
     monkeypatch.undo()
     train(compose_config(settings), tmp_path / "stopped")
     assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("blocker", ["log_is_a_folder", "run_dir_is_a_file"])
+def test_an_unwritable_run_location_is_one_line(tmp_path, blocker):
+    run_dir = tmp_path / "run"
+    if blocker == "log_is_a_folder":
+        (run_dir / "train.log").mkdir(parents=True)
+        (run_dir / ".metarun").write_text('{"task": "train"}')
+        words = "it is a folder, not a file"
+    else:
+        run_dir.write_text("a file where the run directory should be")
+        run_dir = run_dir / "sub"
+        words = "not a folder"
+    with pytest.raises(MetarunError, match=words) as error:
+        run_task(train, compose_config(TINY_SINUSOID), run_dir, "train")
+    assert "\n" not in str(error.value)

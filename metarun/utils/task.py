@@ -30,10 +30,14 @@ def run_task(fn, cfg, run_dir: Path, task: str):
     """
     try:
         with stop.handle_signals(), owned(run_dir, task):
+            open(Path(run_dir) / f"{task}.log", "a").close()  # an unwritable log is one line now, not a logging traceback
             try:
                 return fn(cfg, run_dir)
             except BaseException as e:
                 _log_failure(Path(run_dir) / f"{task}.log", _reported(e, run_dir))
+                last = Path(run_dir) / "checkpoints" / "last.pt"
+                if isinstance(e, stop.StopRequested) and task == "train" and last.is_file() and not e.args:
+                    log.warning(f"stopped before training resumed; resume with: metarun train hydra.run.dir={run_dir}")
                 raise
     except BaseException as e:
         if _single_run():

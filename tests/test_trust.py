@@ -297,13 +297,29 @@ def test_a_bug_is_not_disguised_as_a_user_error(tmp_path, monkeypatch):
         run_task(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), tmp_path / "run", "train")
 
 
-# -- 6. a stop request mid-meta-batch keeps the state of the last completed iteration -----------------------
+# -- 6. a stop request keeps the state of the last completed iteration ------------------------------------
+def stop_then_resume(tmp_path, monkeypatch, settings, owner, name, interrupting, stopped_at, validated):
+    """Run ``settings`` whole; run them again with ``owner.name`` replaced by ``interrupting`` (which
+    sets the stop flag at some point); check the checkpoint the stop left, then resume it to the end
+    and compare with the whole run."""
+    train(compose_config(settings), tmp_path / "whole")
+    monkeypatch.setattr(owner, name, interrupting)
+    try:
+        with pytest.raises(stop.StopRequested):
+            train(compose_config(settings), tmp_path / "stopped")
+    finally:
+        stop._requested.clear()
+    state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
+    assert state["iteration"] == stopped_at and [h["iteration"] for h in state["history"]] == validated
+    monkeypatch.undo()
+    train(compose_config(settings), tmp_path / "stopped")
+    assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "whole"))
+
+
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_a_stop_inside_a_meta_batch_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypatch, batching):
     from metarun.algos.gradient import GradientBased
 
-    settings = TINY_SINUSOID + [f"algo.batching={batching}", "scheduler=step", "scheduler.step_size=1"]
-    train(compose_config(settings), tmp_path / "whole")
     real = GradientBased.meta_loss
 
     def interrupted(self, episode, iteration=0):
@@ -313,45 +329,23 @@ def test_a_stop_inside_a_meta_batch_resumes_to_the_uninterrupted_numbers(tmp_pat
                 stop.check()  # vmap runs the tasks as one unit: the check comes right after it
         return real(self, episode, iteration)
 
-    monkeypatch.setattr(GradientBased, "meta_loss", interrupted)
-    try:
-        with pytest.raises(stop.StopRequested):
-            train(compose_config(settings), tmp_path / "stopped")
-    finally:
-        stop._requested.clear()
-    state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
-    assert state["iteration"] == 4 and [h["iteration"] for h in state["history"]] == [3]
-    monkeypatch.undo()
-    train(compose_config(settings), tmp_path / "stopped")
-    assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "whole"))
+    settings = TINY_SINUSOID + [f"algo.batching={batching}", "scheduler=step", "scheduler.step_size=1"]
+    stop_then_resume(tmp_path, monkeypatch, settings, GradientBased, "meta_loss", interrupted, 4, [3])
 
 
 def test_a_stop_during_validation_validates_on_resume(tmp_path, monkeypatch):
     import metarun.train as train_module
 
-    settings = TINY_SINUSOID + ["algo.batching=loop"]
-    train(compose_config(settings), tmp_path / "whole")
-    real = train_module.meta_test
+    real, calls = train_module.meta_test, []
 
-    def stopped(algo, data, split, *args, **kwargs):
-        if split == "val":
-            stopped.calls += 1
-            if stopped.calls == 2:  # the validation at iteration 6
-                stop._requested.set()
+    def interrupted(algo, data, split, *args, **kwargs):
+        calls.append(split)
+        if calls.count("val") == 2:  # the validation at iteration 6
+            stop._requested.set()
         return real(algo, data, split, *args, **kwargs)
 
-    stopped.calls = 0
-    monkeypatch.setattr(train_module, "meta_test", stopped)
-    try:
-        with pytest.raises(stop.StopRequested):
-            train(compose_config(settings), tmp_path / "stopped")
-    finally:
-        stop._requested.clear()
-    state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
-    assert state["iteration"] == 6 and [h["iteration"] for h in state["history"]] == [3]
-    monkeypatch.undo()
-    train(compose_config(settings), tmp_path / "stopped")
-    assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "whole"))
+    settings = TINY_SINUSOID + ["algo.batching=loop"]
+    stop_then_resume(tmp_path, monkeypatch, settings, train_module, "meta_test", interrupted, 6, [3])
 
 
 @pytest.mark.parametrize("blocker", ["log_is_a_folder", "run_dir_is_a_file"])

@@ -362,3 +362,17 @@ def test_an_unwritable_run_location_is_one_line(tmp_path, blocker):
     with pytest.raises(MetarunError, match=words) as error:
         run_task(train, compose_config(TINY_SINUSOID), run_dir, "train")
     assert "\n" not in str(error.value)
+
+
+def test_a_run_refused_on_a_directory_both_created_never_removes_the_holders_files(tmp_path):
+    # Two runs started at once on a new directory both find it missing (RunDirCallback records it
+    # for each); the one refused by the lock must leave the holder's directory alone.
+    from metarun.utils import rundir
+
+    run_dir = (tmp_path / "new" / "run").absolute()
+    with owned(run_dir, "train"):
+        (run_dir / "train.log").write_text("the holder's log")
+        rundir._new_folders[run_dir] = tmp_path / "new"
+        with pytest.raises(MetarunError, match="is in use by"):
+            run_task(train, compose_config(TINY_SINUSOID), run_dir, "train")
+        assert (run_dir / "train.log").read_text() == "the holder's log"

@@ -128,6 +128,16 @@ def remove_if_stray(run_dir: Path) -> None:
         return
     if (run_dir / "checkpoints").exists() or (run_dir / "metrics.json").exists():
         return
+    if (run_dir / LOCK).is_file():
+        # Two runs that started on the same new directory both saw it missing: the one refused
+        # must not remove what the holder is writing.
+        fd = os.open(run_dir / LOCK, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
     shutil.rmtree(run_dir, ignore_errors=True)
     for folder in (run_dir, *run_dir.parents):
         if folder == top.parent:

@@ -119,12 +119,14 @@ def report(error: BaseException, command: str, debug: bool) -> int:
     if not failures:
         return report_one(error, command, debug)
     ran = jobs.record.jobs  # 0 where a launcher ran the jobs in other processes: only the first failure is known
-    others = ("the other jobs ran" if len(failures) == 1 else
-              f"{len(failures)} of {ran} jobs failed, the others ran" if ran else f"{len(failures)} jobs failed")
+    failed = len(failures)
+    others = ("" if failed == ran == 1 else f" (all {ran} jobs failed)" if failed == ran
+              else " (the other jobs ran)" if failed == 1 else f" ({failed} of {ran} jobs failed, the others ran)" if ran
+              else f" ({failed} jobs failed)")
     status = 2
     for i, failure in enumerate(failures):
         status = min(status, report_one(failure.error, command, debug,
-                                        f"job {failure.name} failed" + (f" ({others})" if i == 0 else "")))
+                                        f"job {failure.name} failed" + (others if i == 0 else "")))
     if not any(f.error is error for f in failures):  # the sweep itself failed too
         status = min(status, report_one(error, command, debug))
     return status

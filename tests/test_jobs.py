@@ -79,3 +79,24 @@ def test_every_command_registers_the_job_results_beside_the_run_directory(comman
         callbacks = compose(config_name=command, return_hydra_config=True).hydra.callbacks
     assert {c._target_ for c in callbacks.values()} == {"metarun.utils.jobs.JobResults",
                                                        "metarun.utils.rundir.RunDirCallback"}
+
+
+def test_the_cli_names_each_failed_job_and_keeps_a_bugs_traceback(capsys):
+    from metarun.cli import report
+
+    callback, config = jobs.JobResults(), OmegaConf.create({})
+    callback.on_multirun_start(config=config)
+    user = MetarunError("data.shots=0 is not allowed")
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        bug = e
+    for ret in (job_return(["data.shots=0"], user), job_return(["data.shots=1"], bug)):
+        callback.on_job_end(config=config, job_return=ret)
+    assert report(user, "train", debug=False) == 1  # a bug among the failures: exit status 1, not 2
+    err = capsys.readouterr().err
+    assert err.startswith("metarun: error: job data.shots=0 failed (all 2 jobs failed): data.shots=0 is not allowed\n")
+    assert "metarun: job data.shots=1 failed:\nTraceback" in err and "ZeroDivisionError: division by zero" in err
+    jobs.record.reset()
+    assert report(user, "train", debug=False) == 2  # not a sweep: the error alone, as one line
+    assert capsys.readouterr().err == "metarun: error: data.shots=0 is not allowed\n"

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from metarun.algos.maml import MAML
 from metarun.train import build_experiment
@@ -32,8 +31,13 @@ def test_every_option_composes_and_builds(data, model, algo, device, shared_data
                                           for o in group_options(g)])
 def test_every_group_option_composes(group, option):
     # Every file in conf/<group>/, present and future: a new option is composed against its schema here.
-    cfg = compose_config([f"{group}={option}"])
-    assert cfg[group] and OmegaConf.to_container(cfg[group], resolve=False)
+    from omegaconf import OmegaConf
+
+    from metarun.config import conf_dir
+
+    own = OmegaConf.to_container(OmegaConf.load(f"{conf_dir()}/{group}/{option}.yaml"))
+    composed = OmegaConf.to_container(compose_config([f"{group}={option}"])[group])
+    assert composed and all(composed[key] == value for key, value in own.items() if key != "defaults")
 
 
 def test_user_contract_keys_exist():

@@ -121,6 +121,16 @@ def test_every_failed_job_of_a_sweep_is_named(tmp_path):
     assert "data.shots=-1 is not allowed" in (failed_2 / "train.log").read_text()
 
 
+# Each launcher config in conf/hydra/launcher/ (CONTRIBUTING.md): a two-job sweep through it names its failed job.
+@pytest.mark.parametrize("launcher", group_options("hydra/launcher"))
+def test_a_launcher_reports_its_failed_job(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    result = metarun("train", "-m", f"hydra/launcher={launcher}", "data.shots=0,5", *TINY_SINUSOID,
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert_one_line_error(result, "job data.shots=0", "failed", "data.shots=0 is not allowed")
+    assert read_metrics(next(sweep.glob("1_*")))["iterations"] == 6
+
+
 # The real CLI, holding one meta-iteration until the test's signal has arrived: the stop lands mid-way
 # between checkpoints however fast or loaded the machine is (a sleep before the signal let a fast machine
 # finish the run first, and a slow one not reach a checkpoint in time).

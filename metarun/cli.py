@@ -135,11 +135,11 @@ def report(error: BaseException, command: str, debug: bool) -> int:
 def report_one(error: BaseException, command: str, debug: bool, job: str = "") -> int:
     from metarun.utils.faults import user_error
 
-    error = user_error(error) or error  # a fault of the machine (Hydra creating the run directory, say)
+    raised, error = error, user_error(error) or error  # a fault of the machine (Hydra creating the run directory, say)
     if debug or not is_user_error(error):
         if job:
             print(f"metarun: {job}:", file=sys.stderr)
-        traceback.print_exception(error)  # a bug, not bad input: keep the traceback for the report
+        traceback.print_exception(raised)  # a bug, not bad input (or HYDRA_FULL_ERROR=1): the whole traceback
         return 1
     print(f"metarun: error: {job + ': ' if job else ''}{describe(error, command)}", file=sys.stderr)
     return 2

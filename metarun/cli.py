@@ -1,8 +1,9 @@
-"""``metarun TASK [hydra overrides]``: a small dispatcher in front of each task's ``@hydra.main``.
+"""``metarun COMMAND [hydra overrides]``: a small dispatcher in front of each command's ``@hydra.main``.
 
-Hydra has no subcommands, so the task word is removed from ``sys.argv`` before the task's Hydra
-entry point runs; Hydra's own flags (``-m``, ``--cfg job``, ``--info``, ``--help``) keep working
-after it. Errors from bad input are printed as one line naming the problem and the fix.
+Hydra has no subcommands, so the command word is removed from ``sys.argv`` before the command's
+Hydra entry point runs; Hydra's own flags (``-m``, ``--cfg job``, ``--info``, ``--help``) keep
+working after it. Errors from bad input are printed as one line naming the problem and the fix;
+which jobs of a sweep failed comes from Hydra's job results (``metarun.utils.jobs``).
 """
 
 import importlib
@@ -13,17 +14,17 @@ import traceback
 
 from metarun import __version__
 
-TASKS = {
+COMMANDS = {
     "train": ("metarun.train", "meta-train, validate and meta-test: metarun train algo=maml data=omniglot"),
     "eval": ("metarun.evaluate", "meta-test a saved checkpoint: metarun eval ckpt=PATH [test.episodes=N]"),
 }
 
-USAGE = f"""usage: metarun TASK [overrides] [hydra flags]
+USAGE = f"""usage: metarun COMMAND [overrides] [hydra flags]
 
 metarun {__version__}: meta-learning experiments from the shell, configured with Hydra.
 
-tasks:
-{chr(10).join(f"  {name:<7}{text}" for name, (_, text) in TASKS.items())}
+commands:
+{chr(10).join(f"  {name:<7}{text}" for name, (_, text) in COMMANDS.items())}
 
 examples:
   metarun train algo=maml data=omniglot
@@ -53,14 +54,14 @@ def eval_group_choice(error: BaseException) -> str | None:
     return None
 
 
-def describe(error: BaseException, task: str) -> str:
+def describe(error: BaseException, command: str) -> str:
     """One line for a user error: Hydra's and OmegaConf's multi-line messages folded."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
                                   ValidationError)
 
     cause = error.__cause__
-    if task == "eval" and (choice := eval_group_choice(error)):
+    if command == "eval" and (choice := eval_group_choice(error)):
         return (f"metarun eval takes the algorithm, data and model from the checkpoint: leave out {choice} "
                 f"('metarun eval --help' lists the keys it takes)")
     if isinstance(error, MissingConfigException) and error.options is not None:
@@ -68,10 +69,10 @@ def describe(error: BaseException, task: str) -> str:
         first = str(error).splitlines()[0].split(": ", 1)[-1]
         return f"{first}: choose {group} from {', '.join(sorted(error.options))}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
-        return f"unknown key '{cause.full_key}': check its spelling ('metarun {task} --cfg job' lists every key)"
+        return f"unknown key '{cause.full_key}': check its spelling ('metarun {command} --cfg job' lists every key)"
     missing = next((e for e in (error, cause) if isinstance(e, MissingMandatoryValue)), None)
     if missing is not None and getattr(missing, "full_key", None):
-        return f"{missing.full_key} is required: give it on the command line ({missing.full_key}=...; 'metarun {task} --help')"
+        return f"{missing.full_key} is required: give it on the command line ({missing.full_key}=...; 'metarun {command} --help')"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     parts = [str(error)] + ([str(cause)] if isinstance(cause, OmegaConfBaseException) else [])
@@ -80,98 +81,109 @@ def describe(error: BaseException, task: str) -> str:
     return " ".join(line for line in lines if line and not line.startswith(skip)) or type(error).__name__
 
 
-class FailedJobs:
-    """Stands in for stderr during a Hydra call: takes Hydra's 'Error executing job with overrides'
-    line, which would make a second line, and remembers which job failed."""
-
-    PREFIX = "Error executing job with overrides: "
-
-    def __init__(self, stream):
-        self.stream, self.overrides = stream, []
-
-    def write(self, text):
-        if text.startswith(self.PREFIX):
-            self.overrides.append(text[len(self.PREFIX):].strip())
-            return len(text)
-        return self.stream.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
 
 
-def completion_task(argv: list[str]) -> str | None:
+def completion_command(argv: list[str]) -> str | None:
     """Shell completion shim. Hydra's bash script calls back ``metarun -sc query=bash`` with the whole
-    command line in COMP_LINE: complete the task word here, or route to the task's Hydra with the
-    task word taken out of COMP_LINE (Hydra expects ``app overrides...``)."""
+    command line in COMP_LINE: complete the command word here, or route to the command's Hydra with
+    the command word taken out of COMP_LINE (Hydra expects ``app overrides...``)."""
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
-    task_word_done = len(words) >= 3 or (len(words) == 2 and line[-1:].isspace())
-    if len(words) >= 2 and words[1] in TASKS and task_word_done:
+    command_word_done = len(words) >= 3 or (len(words) == 2 and line[-1:].isspace())
+    if len(words) >= 2 and words[1] in COMMANDS and command_word_done:
         os.environ["COMP_LINE"] = line.replace(f" {words[1]}", "", 1)
         return words[1]
     if any(a.startswith("query=") for a in argv[1:]):
-        print(" ".join(TASKS))
+        print(" ".join(COMMANDS))
         return None
-    return "train"  # install/uninstall: any task's Hydra writes the same script, registered as 'metarun'
+    return "train"  # install/uninstall: any command's Hydra writes the same script, registered as 'metarun'
+
+
+def is_user_error(error: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from metarun.errors import MetarunError
+
+    return isinstance(error, (MetarunError, HydraException, OmegaConfBaseException))
+
+
+def report(error: BaseException, command: str, debug: bool) -> int:
+    """Print what stopped the command: one line for a user error, the traceback for a bug; after a
+    sweep, each failed job (Hydra raises only the first). Return the exit status: 2 for user errors,
+    1 when a bug is among them."""
+    from metarun.utils import jobs
+
+    failures = jobs.record.failures if jobs.record.multirun else []
+    if not failures:
+        return report_one(error, command, debug)
+    ran = jobs.record.jobs  # 0 where a launcher ran the jobs in other processes: only the first failure is known
+    failed = len(failures)
+    others = ("" if failed == ran == 1 else f" (all {ran} jobs failed)" if failed == ran
+              else " (the other jobs ran)" if failed == 1 else f" ({failed} of {ran} jobs failed, the others ran)" if ran
+              else f" ({failed} jobs failed)")
+    status = 2
+    for i, failure in enumerate(failures):
+        status = min(status, report_one(failure.error, command, debug,
+                                        f"job {failure.name} failed" + (others if i == 0 else "")))
+    if not any(f.error is error for f in failures):  # the sweep itself failed too
+        status = min(status, report_one(error, command, debug))
+    return status
+
+
+def report_one(error: BaseException, command: str, debug: bool, job: str = "") -> int:
+    from metarun.utils.faults import user_error
+
+    raised, error = error, user_error(error) or error  # a fault of the machine (Hydra creating the run directory, say)
+    if debug or not is_user_error(error):
+        if job:
+            print(f"metarun: {job}:", file=sys.stderr)
+        traceback.print_exception(raised)  # a bug, not bad input (or HYDRA_FULL_ERROR=1): the whole traceback
+        return 1
+    print(f"metarun: error: {job + ': ' if job else ''}{describe(error, command)}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMPLETION_FLAGS:
-        task = completion_task(argv)
-        if task is None:
+        command = completion_command(argv)
+        if command is None:
             return 0
-        argv = [task, *argv]
+        argv = [command, *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
     if argv[0] == "--version":
         print(f"metarun {__version__}")
         return 0
-    task = argv[0]
-    if task not in TASKS:
-        print(f"metarun: error: unknown task '{task}': choose one of {', '.join(TASKS)} (metarun --help)", file=sys.stderr)
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"metarun: error: unknown command '{command}': choose one of {', '.join(COMMANDS)} (metarun --help)",
+              file=sys.stderr)
         return 2
 
-    # Hydra re-raises instead of printing its own multi-line report, so every error gets one line here.
-    debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    logging.raiseExceptions = debug  # a log write that fails (full disk) prints no traceback; the next save reports it
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = ["metarun", *argv[1:]]  # the name Hydra's shell completion registers
-    from metarun.errors import MetarunError
+    from metarun.utils import jobs
 
-    stderr = sys.stderr = FailedJobs(sys.stderr)
+    debug = os.environ.get(jobs.FULL_ERROR) == "1"  # the user asked for Hydra's full tracebacks
+    logging.raiseExceptions = debug  # a log write that fails (full disk) prints no traceback; the next save reports it
+    sys.argv = ["metarun", *argv[1:]]  # the name Hydra's shell completion registers
+    jobs.record.reset()
     try:
-        if task == "train":
+        if command == "train":
             from metarun.resume import with_run_overrides
 
             sys.argv = ["metarun", *with_run_overrides(argv[1:])]  # a bare hydra.run.dir=X resumes X as it was
-        importlib.import_module(TASKS[task][0]).main()
+        with jobs.hydra_raises():  # every error reaches report(), which makes it one line
+            importlib.import_module(COMMANDS[command][0]).main()
     except KeyboardInterrupt:
         print("metarun: interrupted", file=sys.stderr)
         return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except Exception as e:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        from metarun.utils.faults import user_error
-
-        e = user_error(e) or e  # a fault of the machine before the run started (Hydra creating the run directory)
-
-        if debug or not isinstance(e, (MetarunError, HydraException, OmegaConfBaseException)):
-            traceback.print_exc()  # a bug, not bad input: keep the traceback for the report
-            return 1
-        multirun = {"-m", "--multirun"} & set(argv) and stderr.overrides
-        job = f"job {stderr.overrides[0]} failed (the other jobs ran): " if multirun else ""
-        print(f"metarun: error: {job}{describe(e, task)}", file=sys.stderr)
-        return 2
-    finally:
-        sys.stderr = stderr.stream
+        return report(e, command, debug)
     return 0
 
 

@@ -43,3 +43,9 @@ def random_image_episode(tasks: int, ways: int, shots: int, queries: int, seed: 
         query_y=labels.repeat_interleave(queries).expand(tasks, -1).clone(),
         ways=ways, shots=shots, queries=queries,
     )
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group, as ``conf/<group>/*.yaml`` holds them: tests cover what is there,
+    so a new algorithm, dataset, model or experiment file is tested without editing a test."""
+    return sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from metarun.utils.checkpoint import load_checkpoint
-from support import TINY_OMNIGLOT, TINY_SINUSOID, omniglot_location, read_metrics
+from support import TINY_OMNIGLOT, TINY_SINUSOID, group_options, omniglot_location, read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +45,13 @@ def test_help_and_hydra_flags(tmp_path):
     assert console.returncode == 0 and "metarun train algo=maml data=omniglot" in console.stdout
     result = metarun("train", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "schema" not in result.stdout
-    assert "algo: anil, fomaml, maml, mamlpp, matchingnet, metasgd, protonet, reptile" in result.stdout
+    for group in ("algo", "data", "model", "optimizer", "scheduler", "device", "experiment"):  # every option, no schema
+        assert f"\n{group}: {', '.join(group_options(group))}\n" in result.stdout, group
+    assert {"maml", "protonet", "reptile"} <= set(group_options("algo"))  # the helper found the group
     result = metarun("train", "--cfg", "job", "data=sinusoid", "model=mlp", cwd=tmp_path)
     assert result.returncode == 0 and "metarun.data.sinusoid.SinusoidTasks" in result.stdout
     assert metarun("train", "--info", cwd=tmp_path).returncode == 0
-    assert_one_line_error(metarun("trian", cwd=tmp_path), "unknown task 'trian'")
+    assert_one_line_error(metarun("trian", cwd=tmp_path), "unknown command 'trian'")
     assert not (tmp_path / "outputs").exists()
 
 
@@ -102,6 +104,31 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, shared_data_root, omnig
     failed, ok = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert not (failed / "metrics.json").exists() and read_metrics(ok)["iterations"] == 4
     assert "exceeds the 20 images" in (failed / "train.log").read_text()
+
+
+def test_every_failed_job_of_a_sweep_is_named(tmp_path):
+    # Hydra raises only the first failed job's error; the job results (utils/jobs.py) name each one.
+    sweep = tmp_path / "sweep"
+    result = metarun("train", "-m", "data.shots=0,5,-1", *TINY_SINUSOID, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "Error executing job" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("metarun: error: job data.shots=") for line in lines), result.stderr
+    assert "job data.shots=0 " in lines[0] and "(2 of 3 jobs failed, the others ran)" in lines[0]
+    assert "job data.shots=-1 " in lines[1] and "data.shots=-1 is not allowed" in lines[1]
+    failed_0, ok, failed_2 = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert read_metrics(ok)["iterations"] == 6 and not (failed_0 / "metrics.json").exists()
+    assert "data.shots=-1 is not allowed" in (failed_2 / "train.log").read_text()
+
+
+# Each launcher config in conf/hydra/launcher/ (CONTRIBUTING.md): a two-job sweep through it names its failed job.
+@pytest.mark.parametrize("launcher", group_options("hydra/launcher"))
+def test_a_launcher_reports_its_failed_job(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    result = metarun("train", "-m", f"hydra/launcher={launcher}", "data.shots=0,5", *TINY_SINUSOID,
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert_one_line_error(result, "job data.shots=0", "failed", "data.shots=0 is not allowed")
+    assert read_metrics(next(sweep.glob("1_*")))["iterations"] == 6
 
 
 # The real CLI, holding one meta-iteration until the test's signal has arrived: the stop lands mid-way
@@ -256,8 +283,7 @@ def test_shell_completion_goes_through_the_dispatcher(tmp_path):
         return result.stdout.split()
 
     assert complete("metarun tr") == ["train", "eval"]
-    algos = ("anil", "fomaml", "maml", "mamlpp", "matchingnet", "metasgd", "protonet", "reptile")
-    assert complete("metarun train algo=") == [f"algo={a}" for a in algos]
+    assert complete("metarun train algo=") == [f"algo={a}" for a in group_options("algo")]
     assert "data.shots=" in complete("metarun train data.")
     assert "test.episodes=" in complete("metarun eval test.ep")
 

@@ -6,14 +6,14 @@ from hydra.errors import ConfigCompositionException
 
 from metarun.algos.maml import MAML
 from metarun.train import build_experiment
-from support import TINY_OMNIGLOT, compose_config, omniglot_location
+from support import TINY_OMNIGLOT, compose_config, group_options, omniglot_location
 
 PAIRS = [("omniglot", "conv4"), ("sinusoid", "mlp")]
 
 
 @pytest.mark.parametrize("data,model", PAIRS)
 @pytest.mark.parametrize("algo", ["maml", "fomaml"])
-@pytest.mark.parametrize("device", ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", [d for d in group_options("device") if d != "cuda" or torch.cuda.is_available()])
 def test_every_option_composes_and_builds(data, model, algo, device, shared_data_root, omniglot_cache_dir):
     overrides = [f"data={data}", f"model={model}", f"algo={algo}", f"device={device}"]
     if data == "omniglot":
@@ -25,6 +25,19 @@ def test_every_option_composes_and_builds(data, model, algo, device, shared_data
     episode = source.sample("train", 2, torch.Generator().manual_seed(0))
     out = built.model(episode.support_x[0])
     assert out.shape[-1] == (cfg.data.ways if data == "omniglot" else 1)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("algo", "data", "model", "optimizer", "scheduler", "device")
+                                          for o in group_options(g)])
+def test_every_group_option_composes(group, option):
+    # Every file in conf/<group>/, present and future: a new option is composed against its schema here.
+    from omegaconf import OmegaConf
+
+    from metarun.config import conf_dir
+
+    own = OmegaConf.to_container(OmegaConf.load(f"{conf_dir()}/{group}/{option}.yaml"))
+    composed = OmegaConf.to_container(compose_config([f"{group}={option}"])[group])
+    assert composed and all(composed[key] == value for key, value in own.items() if key != "defaults")
 
 
 def test_user_contract_keys_exist():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -12,17 +13,25 @@ from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.train import build_experiment, train
 from metarun.utils.runtime import build
-from support import compose_config, omniglot_location, read_metrics
+from support import compose_config, group_options, omniglot_location, read_metrics
 
-EXPERIMENTS = sorted(p.stem for p in (Path(conf_dir()) / "experiment").glob("*.yaml"))
-ALGORITHMS = {"maml": "MAML", "fomaml": "MAML", "maml_fc": "MAML", "anil": "ANIL", "metasgd": "MetaSGD",
-              "mamlpp": "MAMLpp", "reptile": "Reptile", "reptile_transductive": "Reptile", "protonet": "ProtoNet", "matchingnet": "MatchingNet"}
+EXPERIMENTS = group_options("experiment")
+
+
+def parse(name: str) -> tuple[str, str, str]:
+    """An experiment's name, ``<algo option>[_<variant>]_<data option>_<setting>`` (maml_fc_omniglot_5w1s):
+    its algo and data options, read against the groups' own options, and its setting (5w1s, k10)."""
+    data = next(d for d in group_options("data") if f"_{d}_" in name)
+    prefix, setting = name.split(f"_{data}_")
+    algo = max((a for a in group_options("algo") if prefix == a or prefix.startswith(f"{a}_")), key=len)
+    return algo, data, setting
 
 
 # docs/protocols.md's method names (its Omniglot table rows, parentheses dropped) -> config name prefixes.
 METHODS = {"MAML, Conv4": "maml", "MAML, fully connected": "maml_fc", "first-order MAML + transduction": "fomaml",
            "Reptile": "reptile", "Reptile + transduction": "reptile_transductive", "Meta-SGD": "metasgd",
-           "MAML++": "mamlpp", "Prototypical Networks": "protonet", "Matching Networks": "matchingnet", "ANIL": "anil"}
+           "MAML++": "mamlpp", "Prototypical Networks": "protonet", "Matching Networks": "matchingnet", "ANIL": "anil",
+           "MAML": "maml"}  # the last: the sinusoid table's column
 PROTOCOLS = Path(__file__).resolve().parents[1] / "docs" / "protocols.md"  # in the repository: a clone has it
 
 
@@ -37,7 +46,8 @@ def protocol_settings(text: str) -> list[str]:
         prefix = METHODS[re.sub(r"\s*\(.*?\)", "", method)]  # a new method in docs/protocols.md fails here
         names += [f"{prefix}_omniglot_{column}" for column, cell in zip(header[1:], cells) if cell not in ("–", "-", "")]
     sinusoid = text.split("## Sinusoid", 1)[1].split("\n## ", 1)[0]
-    names += [f"{a}_sinusoid_k{k}" for a in ("maml", "metasgd") for k in sorted(set(re.findall(r"K=(\d+)", sinusoid)))]
+    columns = next(line for line in sinusoid.splitlines() if line.startswith("| K |")).strip().strip("|").split("|")[1:]
+    names += [f"{METHODS[c.strip()]}_sinusoid_k{k}" for c in columns for k in sorted(set(re.findall(r"K=(\d+)", sinusoid)))]
     return sorted(names)
 
 
@@ -48,21 +58,30 @@ def test_every_setting_of_protocols_md_has_a_config():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_is_named_after_the_options_it_chooses(name):
+    algo, data, _ = parse(name)
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name="train"):
+        choices = compose(config_name="train", overrides=[f"experiment={name}"], return_hydra_config=True).hydra.runtime.choices
+    assert (choices.algo, choices.data) == (algo, data)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_dir):
-    where = omniglot_location(shared_data_root, omniglot_cache_dir) if "_omniglot_" in name else []
+    algo_name, data_name, setting = parse(name)
+    where = omniglot_location(shared_data_root, omniglot_cache_dir) if data_name == "omniglot" else []
     cfg = compose_config([f"experiment={name}", *where])
-    algo_name, data_name = name.split("_omniglot_") if "_omniglot_" in name else name.split("_sinusoid_")
     device, data, algo = build_experiment(cfg)
-    assert type(algo).__name__ == ALGORITHMS[algo_name]
+    # The class its name's algo option builds (maml_fc and fomaml: MAML; reptile_transductive: Reptile).
+    assert type(algo).__name__ == compose_config([f"algo={algo_name}"]).algo._target_.rsplit(".", 1)[1]
     optimizer = build(cfg.optimizer)(algo.parameters())
     build(cfg.scheduler)(optimizer)
     assert optimizer.param_groups[0]["lr"] == cfg.train.meta_lr
     episode = data.sample("test", 2, torch.Generator().manual_seed(0))
-    if "_omniglot_" in name:
-        ways, shots = (int(v) for v in data_name.rstrip("s").split("w"))
+    if ways_shots := re.fullmatch(r"(\d+)w(\d+)s", setting):  # classification: 5w1s
+        ways, shots = (int(v) for v in ways_shots.groups())
         assert (cfg.data.ways, cfg.data.shots) == (ways, shots) == (episode.ways, episode.shots)
-    else:
-        assert cfg.data.shots == int(data_name[1:]) == episode.support_x.shape[1]
+    else:  # regression: k10, K support points
+        assert cfg.data.shots == int(setting.removeprefix("k")) == episode.support_x.shape[1]
     result = algo.evaluate(episode, 1 if algo.eval_inner_steps else 0)  # the network runs on the test tasks
     assert torch.isfinite(result).all()
 
@@ -71,8 +90,8 @@ def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_d
 def test_experiment_takes_a_meta_training_step(name, shared_data_root, omniglot_cache_dir):
     # The training tasks can differ from the test tasks (train_ways, train_shots, train_queries):
     # one real meta-iteration on them, with a narrow network to keep it cheap.
-    small = ["model.hidden=8"] if "_omniglot_" in name and not name.startswith("maml_fc") else []
-    where = omniglot_location(shared_data_root, omniglot_cache_dir) if "_omniglot_" in name else []
+    where = omniglot_location(shared_data_root, omniglot_cache_dir) if parse(name)[1] == "omniglot" else []
+    small = ["model.hidden=8"] if isinstance(compose_config([f"experiment={name}"]).model.get("hidden"), int) else []
     cfg = compose_config([f"experiment={name}", *small, *where])
     _, data, algo = build_experiment(cfg)
     optimizer = build(cfg.optimizer)(algo.parameters())

@@ -1,19 +1,31 @@
-"""Typed schemas for the config groups, and where metarun finds its ``conf/`` directory.
+"""Typed schemas for the config groups, generated from the classes they build, and where metarun finds ``conf/``.
 
-The YAML files in ``conf/`` hold the values; these dataclasses hold the types, so a wrong type
-(``data.shots=abc``) or an unknown key (``data.shot=1``) is rejected when Hydra composes the
-config. Each group file starts from its schema: ``defaults: [/schema_<group>_<name>@_here_, _self_]``
-(stored without a group, so ``--help`` lists only the real options).
+Each fact about a knob is stated once. Its type and default are the annotation and default of the
+constructor argument it sets (``inner_lr: float = 0.4`` in ``GradientBased.__init__``), its meaning is
+that class's docstring, and ``conf/<group>/<name>.yaml`` holds a value only where the option differs
+from the constructor (``model=conv4``'s ``out_features: ${data.ways}``). hydra-zen's ``builds(...,
+populate_full_signature=True)`` turns each signature into the option's dataclass, so ``--cfg job``
+shows every key and a wrong type (``data.shots=abc``) or an unknown key (``data.shot=1``) is rejected
+when Hydra composes the config. Each group file starts from its schema:
+``defaults: [/schema_<group>_<name>@_here_, _self_]`` (stored without a group, so ``--help`` lists only
+the real options).
 """
 
+import inspect
 import os
+import types
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin
 
+import torch
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from hydra_zen import BuildsFn
 from omegaconf import MISSING, OmegaConf
+
+from metarun.algos.gradient import GradientBased
 
 
 def conf_dir() -> str:
@@ -32,164 +44,87 @@ def default_data_root() -> str:
 OmegaConf.register_new_resolver("metarun.data_root", default_data_root, replace=True)
 
 
-# -- data --------------------------------------------------------------------------------------
-@dataclass
-class OmniglotConfig:
-    _target_: str = MISSING
-    ways: int = MISSING
-    shots: int = MISSING
-    queries: int = MISSING
-    split: str = MISSING
-    root: str = MISSING
-    cache_dir: Optional[str] = None
-    url: str = MISSING
-    download: bool = True
-    channels: int = 1
-    image_size: int = 28
-    train_ways: Optional[int] = None  # meta-training tasks; None: as ways/shots/queries
-    train_shots: Optional[int] = None
-    train_queries: Optional[int] = None
+# -- the instantiated groups: one schema per option, generated from its class ------------------------
+# The class each option builds, spelled as configs and checkpoints record its ``_target_``
+# (utils/targets.py allow-lists exactly these). An option without an entry (algo=fomaml,
+# model=conv4_embedding) starts from another option's file.
+TARGETS: dict[str, dict[str, str]] = {
+    "data": {"omniglot": "metarun.data.omniglot.OmniglotTasks", "sinusoid": "metarun.data.sinusoid.SinusoidTasks"},
+    "model": {"conv4": "metarun.models.Conv4", "mlp": "metarun.models.MLP"},
+    "algo": {
+        "maml": "metarun.algos.maml.MAML",
+        "anil": "metarun.algos.anil.ANIL",
+        "metasgd": "metarun.algos.metasgd.MetaSGD",
+        "mamlpp": "metarun.algos.mamlpp.MAMLpp",
+        "reptile": "metarun.algos.reptile.Reptile",
+        "protonet": "metarun.algos.protonet.ProtoNet",
+        "matchingnet": "metarun.algos.matchingnet.MatchingNet",
+    },
+    "optimizer": {"adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"},
+    "scheduler": {
+        "constant": "torch.optim.lr_scheduler.ConstantLR",
+        "cosine": "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "linear": "torch.optim.lr_scheduler.LinearLR",
+        "step": "torch.optim.lr_scheduler.StepLR",
+    },
+}
+
+# Constructor arguments no config sets: the trainer passes an algorithm its network and problem type.
+PASSED_BY_TRAINER = ("model", "task")
+
+# Algorithms whose constructor hands ``**engine`` on to the gradient engine take the engine's keys too,
+# less those they set themselves (Meta-SGD learns its inner rates: no inner_lr).
+ENGINE_KEYS_OF = {"anil": (), "mamlpp": (), "metasgd": ("inner_lr",)}
+
+# The torch keys a config may set; torch's signatures hold more (foreach, fused, last_epoch, ...). The
+# first argument (the parameters, or the optimiser) is the trainer's: these build partial objects.
+TORCH_KEYS = {
+    "adam": ("lr", "betas", "weight_decay"),
+    "sgd": ("lr", "momentum", "weight_decay"),
+    "constant": ("factor", "total_iters"),
+    "cosine": ("T_max", "eta_min"),
+    "linear": ("start_factor", "end_factor", "total_iters"),
+    "step": ("step_size", "gamma"),
+}
 
 
-@dataclass
-class SinusoidConfig:
-    _target_: str = MISSING
-    shots: int = MISSING
-    queries: int = MISSING
-    amplitude: list[float] = MISSING
-    phase: list[float] = MISSING
-    x_range: list[float] = MISSING
+class _Builds(BuildsFn):
+    """hydra-zen's ``builds``, writing each ``_target_`` as ``TARGETS`` spells it (``metarun.models.Conv4``,
+    not the defining module's ``metarun.models.conv4.Conv4``), reading ``int | None`` as ``Optional[int]``
+    (hydra-zen would read it as Any, and accept any type), and torch's ``float | Tensor`` hyperparameters
+    as floats (a config holds no tensors)."""
+
+    @classmethod
+    def _get_obj_path(cls, target: Any) -> str:
+        return _PATH_OF.get(target) or super()._get_obj_path(target)
+
+    @classmethod
+    def _sanitized_type(cls, type_: Any, **kwargs) -> Any:
+        if isinstance(type_, types.UnionType):
+            type_ = Union[get_args(type_)]
+        if get_origin(type_) is Union and torch.Tensor in get_args(type_):
+            rest = tuple(a for a in get_args(type_) if a is not torch.Tensor)
+            type_ = rest[0] if len(rest) == 1 else Union[rest]
+        return super()._sanitized_type(type_, **kwargs)
 
 
-# -- models ------------------------------------------------------------------------------------
-@dataclass
-class Conv4Config:
-    _target_: str = MISSING
-    out_features: Optional[int] = MISSING  # null: no head (an embedding network)
-    in_channels: int = MISSING
-    image_size: int = MISSING
-    hidden: int = MISSING
-    variant: str = MISSING
-    flatten: bool = False  # stride variant: flatten the final map instead of averaging it (Reptile)
+_PATH_OF = {get_class(path): path for options in TARGETS.values() for path in options.values()}
 
 
-@dataclass
-class MLPConfig:
-    _target_: str = MISSING
-    in_features: int = MISSING
-    hidden: list[int] = MISSING
-    out_features: int = MISSING
-    batch_norm: bool = False  # batch norm after each hidden layer (MAML's fully connected Omniglot network)
-
-
-# -- algorithms --------------------------------------------------------------------------------
-@dataclass
-class AlgoConfig:
-    """What every algorithm takes: how a batch of tasks runs, and the batch-norm protocol."""
-    _target_: str = MISSING
-    batching: str = MISSING  # auto (time both paths, keep the faster), loop or vmap
-    transductive: bool = MISSING  # batch norm over all of a task's queries at once, or each with the support set
-
-
-@dataclass
-class MAMLConfig(AlgoConfig):
-    inner_lr: float = MISSING
-    inner_steps: int = MISSING
-    eval_inner_steps: int = MISSING
-    first_order: bool = MISSING
-
-
-@dataclass
-class ANILConfig(MAMLConfig):
-    adapt: str = MISSING  # regular expression over parameter names: the parameters the inner loop adapts
-
-
-@dataclass
-class MetaSGDConfig(AlgoConfig):
-    inner_steps: int = MISSING
-    eval_inner_steps: int = MISSING
-    lr_init: list[float] = MISSING  # the learned per-parameter inner lrs start U[low, high]
-    first_order: bool = MISSING
-
-
-@dataclass
-class MAMLppConfig(MAMLConfig):
-    lslr: bool = MISSING  # per-layer, per-step learned inner lrs
-    msl: bool = MISSING  # multi-step loss with annealed weights
-    msl_iterations: int = MISSING  # iterations over which the multi-step loss weights anneal to the final step
-    per_step_bn: bool = MISSING  # batch-norm weights and biases per inner step
-    first_order_iterations: int = MISSING  # derivative-order annealing: first order for this many iterations
-
-
-@dataclass
-class ReptileConfig(AlgoConfig):
-    inner_optimizer: str = MISSING  # sgd or adam
-    inner_lr: float = MISSING
-    inner_betas: list[float] = MISSING  # Adam's betas in the inner loop (Reptile: beta1 = 0)
-    inner_iterations: int = MISSING
-    inner_batch_size: int = MISSING
-    eval_inner_steps: int = MISSING
-    eval_inner_batch_size: int = MISSING
-
-
-@dataclass
-class ProtoNetConfig(AlgoConfig):
-    distance: str = MISSING  # euclidean (squared) or cosine
-    cosine_scale: float = MISSING  # distance=cosine: logits are cosine similarities times this
-
-
-@dataclass
-class MatchingNetConfig(AlgoConfig):
-    fce: bool = MISSING  # full-context embeddings (bi-LSTM over the support set, attention LSTM for queries)
-    fce_steps: int = MISSING  # processing steps of the attention LSTM
-
-
-# -- meta-optimiser and its learning-rate schedule -----------------------------------------------
-@dataclass
-class PartialConfig:
-    """A torch class that the trainer completes with its first argument (the parameters to
-    optimise, or the optimiser to schedule)."""
-    _target_: str = MISSING
-    _partial_: bool = True
-
-
-@dataclass
-class AdamConfig(PartialConfig):
-    lr: float = MISSING
-    betas: list[float] = MISSING
-    weight_decay: float = 0.0
-
-
-@dataclass
-class SGDConfig(PartialConfig):
-    lr: float = MISSING
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-
-
-@dataclass
-class ConstantScheduleConfig(PartialConfig):
-    factor: float = 1.0
-    total_iters: int = 0
-
-
-@dataclass
-class CosineScheduleConfig(PartialConfig):
-    T_max: int = MISSING
-    eta_min: float = MISSING
-
-
-@dataclass
-class LinearScheduleConfig(PartialConfig):
-    start_factor: float = MISSING
-    end_factor: float = MISSING
-    total_iters: int = MISSING
-
-
-@dataclass
-class StepScheduleConfig(PartialConfig):
-    step_size: int = MISSING
-    gamma: float = MISSING
+def schema(group: str, name: str) -> type:
+    """The dataclass of option ``<group>=<name>``: its class's constructor arguments, typed and defaulted."""
+    target = get_class(TARGETS[group][name])
+    if group in ("optimizer", "scheduler"):
+        keys = TORCH_KEYS[name]
+        params = inspect.signature(target).parameters
+        required = {k: MISSING for k in keys if params[k].default is inspect.Parameter.empty}  # valued by the YAML
+        return _Builds.builds(target, zen_partial=True, populate_full_signature=True,
+                              zen_exclude=lambda k: k not in keys, **required)
+    bases = ()
+    if name in ENGINE_KEYS_OF:
+        bases = (_Builds.builds(GradientBased, populate_full_signature=True,
+                                zen_exclude=(*PASSED_BY_TRAINER, *ENGINE_KEYS_OF[name])),)
+    return _Builds.builds(target, populate_full_signature=True, zen_exclude=PASSED_BY_TRAINER, builds_bases=bases)
 
 
 # -- device and the run itself -----------------------------------------------------------------
@@ -267,27 +202,10 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
-    for group, name, node in [
-        ("data", "omniglot", OmniglotConfig),
-        ("data", "sinusoid", SinusoidConfig),
-        ("model", "conv4", Conv4Config),
-        ("model", "mlp", MLPConfig),
-        ("algo", "maml", MAMLConfig),
-        ("algo", "anil", ANILConfig),
-        ("algo", "metasgd", MetaSGDConfig),
-        ("algo", "mamlpp", MAMLppConfig),
-        ("algo", "reptile", ReptileConfig),
-        ("algo", "protonet", ProtoNetConfig),
-        ("algo", "matchingnet", MatchingNetConfig),
-        ("optimizer", "adam", AdamConfig),
-        ("optimizer", "sgd", SGDConfig),
-        ("scheduler", "constant", ConstantScheduleConfig),
-        ("scheduler", "cosine", CosineScheduleConfig),
-        ("scheduler", "linear", LinearScheduleConfig),
-        ("scheduler", "step", StepScheduleConfig),
-        ("device", "device", DeviceConfig),
-    ]:
-        cs.store(name=f"schema_{group}_{name}", node=node)
+    for group, options in TARGETS.items():
+        for name in options:
+            cs.store(name=f"schema_{group}_{name}", node=schema(group, name))
+    cs.store(name="schema_device_device", node=DeviceConfig)
 
 
 register_schemas()

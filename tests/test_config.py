@@ -1,10 +1,17 @@
 """Tier 1: every config option composes and builds; bad values are rejected at composition."""
 
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from metarun.algos.maml import MAML
+from metarun.algos.mamlpp import MAMLpp
+from metarun.config import PASSED_BY_TRAINER, TARGETS, TORCH_KEYS, conf_dir
 from metarun.train import build_experiment
 from support import TINY_OMNIGLOT, compose_config, group_options, omniglot_location
 
@@ -62,7 +69,9 @@ def test_data_root_defaults_to_env_then_user_cache(monkeypatch, tmp_path):
     assert compose_config().data.root == str(tmp_path / "cache" / "metarun" / "data")
 
 
-@pytest.mark.parametrize("override", ["data.shots=abc", "algo.inner_lr=fast", "data.shot=1", "train.iteration=5"])
+@pytest.mark.parametrize("override", ["data.shots=abc", "algo.inner_lr=fast", "data.shot=1", "train.iteration=5",
+                                      "optimizer.lr=abc", "model.out_features=abc", "data.train_ways=abc",
+                                      "model.hiden=8", "optimizer.foreach=true"])
 def test_wrong_type_or_unknown_key_is_rejected(override):
     with pytest.raises(ConfigCompositionException):
         compose_config([override])
@@ -85,3 +94,45 @@ def test_maxpool_variant_builds_from_config(shared_data_root, omniglot_cache_dir
 def test_tiny_settings_compose(shared_data_root, omniglot_cache_dir):
     cfg = compose_config(TINY_OMNIGLOT + omniglot_location(shared_data_root, omniglot_cache_dir))
     assert cfg.model.out_features == 3  # interpolated from data.ways
+
+
+OPTIONS = [(group, name) for group, options in TARGETS.items() for name in options]
+
+
+def constructor_default(cls, key):
+    """The default of ``key`` in the first ``__init__`` along the class's MRO that takes it."""
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and key in inspect.signature(klass.__init__).parameters:
+            return inspect.signature(klass.__init__).parameters[key].default
+    raise AssertionError(f"{cls.__name__} takes no argument {key!r}")
+
+
+@pytest.mark.parametrize("group,name", OPTIONS)
+def test_each_default_is_stated_once_in_the_constructor(group, name):
+    """A group option's keys are its class's arguments; the YAML values only those that differ from the
+    constructor's default, and every other key composes to that default."""
+    cls = get_class(TARGETS[group][name])
+    stated = OmegaConf.to_container(OmegaConf.load(Path(conf_dir(), group, f"{name}.yaml")))
+    stated.pop("defaults")
+    extra = {"mlp": ["data=sinusoid"], "sinusoid": ["model=mlp"]}.get(name, [])
+    node = OmegaConf.to_container(compose_config([f"{group}={name}", *extra])[group], resolve=False)
+    keys = set(node) - {"_target_", "_partial_"}
+    if group in ("optimizer", "scheduler"):
+        assert keys == set(TORCH_KEYS[name])
+    else:
+        own = inspect.signature(cls.__init__).parameters.values()
+        assert {p.name for p in own if p.kind is p.POSITIONAL_OR_KEYWORD} - {"self", *PASSED_BY_TRAINER} <= keys
+    for key in keys:
+        default = constructor_default(cls, key)
+        default = list(default) if isinstance(default, tuple) else default
+        if key in stated:
+            assert stated[key] != default, f"conf/{group}/{name}.yaml restates {key}'s default"
+        else:
+            assert default is not inspect.Parameter.empty and node[key] == default, key
+
+
+def test_an_algorithm_default_is_its_constructor_default():
+    """MAML++ states its own inner_lr in its signature; MAML's is the engine's: no YAML repeats them."""
+    assert compose_config(["algo=mamlpp"]).algo.inner_lr == inspect.signature(MAMLpp).parameters["inner_lr"].default
+    assert compose_config(["algo=maml"]).algo.inner_lr == inspect.signature(MAML).parameters["inner_lr"].default
+    assert "inner_lr" not in compose_config(["algo=metasgd"]).algo  # Meta-SGD learns its rates

@@ -32,6 +32,12 @@ Params = dict[str, torch.Tensor]
 
 
 class GradientBased(MetaAlgorithm):
+    """The engine's arguments (MAML's; its Omniglot 5-way values by default): ``inner_lr``, the step
+    size of the inner SGD; ``inner_steps``, adaptation steps per task at meta-training;
+    ``eval_inner_steps``, adaptation steps at meta-validation and meta-test (metrics logged after
+    each); ``first_order``, inner gradients treated as constants in the meta-gradient (FOMAML);
+    ``batching`` and ``transductive`` as in ``MetaAlgorithm``."""
+
     def __init__(
         self,
         model: nn.Module,

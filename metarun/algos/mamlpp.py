@@ -22,6 +22,10 @@ second-order MAML, each one of the engine's hooks (``metarun.algos.gradient``):
 - ``first_order_iterations`` (derivative-order annealing): first-order meta-gradients for
   iterations < first_order_iterations, second order afterwards (unless ``first_order`` is set).
 
+The defaults are MAML++'s Omniglot values: inner lr 0.1 (every learned rate's initial value), 5
+inner steps at meta-training and at evaluation, all four switches on, MSL over 5000 iterations
+(10 epochs of 500), second order throughout.
+
 With ``lslr=False, msl=False, per_step_bn=False, first_order_iterations=0`` MAML++ is MAML, number
 for number. The cosine-annealed meta learning rate of the paper is the trainer's
 ``scheduler=cosine`` (1e-3 -> 1e-5), chosen by the experiment config, not here.
@@ -86,12 +90,11 @@ def _key(name: str) -> str:
 
 
 class MAMLpp(GradientBased):
-    # MAML++'s own defaults for the engine's keys (its Omniglot configs); the rest are the engine's.
-    ENGINE_DEFAULTS = {"inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5}
-
-    def __init__(self, model: nn.Module, task: str, lslr: bool = True, msl: bool = True, msl_iterations: int = 5000,
+    def __init__(self, model: nn.Module, task: str, inner_lr: float = 0.1, inner_steps: int = 5,
+                 eval_inner_steps: int = 5, lslr: bool = True, msl: bool = True, msl_iterations: int = 5000,
                  per_step_bn: bool = True, first_order_iterations: int = 0, **engine):
-        super().__init__(model, task, **{**self.ENGINE_DEFAULTS, **engine})
+        super().__init__(model, task, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
+                         **engine)
         if msl_iterations < 0 or first_order_iterations < 0:
             raise ValueError(f"algo.msl_iterations and algo.first_order_iterations must be at least 0 "
                              f"(got {msl_iterations}, {first_order_iterations})")

@@ -12,7 +12,7 @@ Full-context embeddings (``fce=True``, the paper's appendix A): with f' = g' the
 - f(x̂, S) = h_K after ``fce_steps`` (K) steps of an attention LSTM over g(S):
   ĥ_k, c_k = LSTM(f'(x̂), [h_{k-1}, r_{k-1}], c_{k-1});  h_k = ĥ_k + f'(x̂);
   r_k = Σ_i softmax_i(h_k · g(x_i)) g(x_i).
-  The LSTM starts from ĥ_0 = c_0 = 0, so h_0 = f'(x̂) and r_0 is the read it attends to.
+  The paper does not state K; the default is 5. The LSTM starts from ĥ_0 = c_0 = 0, so h_0 = f'(x̂) and r_0 is the read it attends to.
   ``LSTM(x, [h, r], c)`` is one LSTM cell with input [x, r] and hidden state h: its gates are
   the same linear function of (x, h, r) as the paper's.
 All LSTMs have the embedding's width (``model.out_dim``) and belong to this module, so the

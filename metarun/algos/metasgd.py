@@ -4,6 +4,7 @@ Li, Zhou, Chen and Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learnin
 networks and one inner step, but the inner update is θ - α ∘ ∇L with a learned vector α of the
 same shape as each parameter, initialised U[lr_init] = U[0.005, 0.1] and meta-learned jointly with
 the initialisation θ (both are parameters of this module, so the meta-optimiser covers them).
+The ``eval_inner_steps`` steps at meta-test reuse the learned rates.
 
 Example::
 

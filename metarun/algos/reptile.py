@@ -34,6 +34,10 @@ its bias-correction powers) carry over across all tasks of the run, and its ``ev
 each test task from those trained slots. With fresh moments and bias correction the first step of
 a task is lr·g/(|g| + eps), about lr·sign(g) per weight.
 
+The defaults are the paper's Omniglot 5-way values: inner Adam (β1 = 0, as supervised-reptile) at
+lr 1e-3 (5e-4 for 20-way), 5 inner iterations of 10 examples at meta-training (one pass over
+5 ways x 10 shots), 50 of 5 at evaluation.
+
 Example::
 
     algo = Reptile(Conv4(out_features=5), task="classification", inner_optimizer="adam", inner_lr=1e-3,

@@ -70,12 +70,16 @@ class OmniglotTasks(TaskSource):
     """N-way K-shot Omniglot tasks. ``ways``/``shots``/``queries`` set the validation and test tasks;
     ``train_ways``/``train_shots``/``train_queries`` (None: the same) set the meta-training tasks,
     for the protocols that train on other tasks than they test on (ProtoNets train 60-way,
-    Reptile trains on 10 shots). ``train_queries`` may be 0 for algorithms that use no query set."""
+    Reptile trains on 10 shots). ``train_queries`` may be 0 for algorithms that use no query set.
+    The archives are read from ``<root>/omniglot/`` (fetched from ``url`` if missing and ``download``);
+    the decoded tensors are cached in ``cache_dir`` (None: next to the archives, or the user cache if
+    that is read-only)."""
 
     task = "classification"
 
-    def __init__(self, ways, shots, queries, split, root, cache_dir=None, url=OFFICIAL_URL, download=True, channels=1,
-                 image_size=28, train_ways=None, train_shots=None, train_queries=None):
+    def __init__(self, ways: int, shots: int, queries: int, split: str, root: str, cache_dir: str | None = None,
+                 url: str = OFFICIAL_URL, download: bool = True, channels: int = 1, image_size: int = 28,
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None):
         if split not in SPLIT_NAMES:
             raise DataError(f"unknown Omniglot split '{split}': set data.split to one of {', '.join(SPLIT_NAMES)}")
         # One class is no classification task (every answer is right): ways start at 2, as in metarun.validation.

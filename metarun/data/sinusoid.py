@@ -13,7 +13,8 @@ from metarun.data.tasks import TaskSource
 class SinusoidTasks(TaskSource):
     task = "regression"
 
-    def __init__(self, shots: int, queries: int, amplitude, phase, x_range):
+    def __init__(self, shots: int, queries: int, amplitude: tuple[float, float] = (0.1, 5.0),
+                 phase: tuple[float, float] = (0.0, torch.pi), x_range: tuple[float, float] = (-5.0, 5.0)):
         self.shots, self.queries = shots, queries
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
 

@@ -1,5 +1,8 @@
 """The classes a config may name: the ``_target_`` of each option of the instantiated groups in ``conf/``.
 
+An option's class is its schema's (``metarun.config.TARGETS``, from which the schemas are generated);
+an option file that sets a ``_target_`` itself counts too.
+
 A checkpoint, a run directory's ``.hydra`` record or a saved override list comes from disk and is
 data, never code: Hydra instantiates any importable callable a ``_target_`` names (``builtins.open``,
 ``shutil.copyfile``...), so every object metarun builds is checked against this allow-list first.
@@ -10,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metarun.config import conf_dir
+from metarun.config import TARGETS, conf_dir
 from metarun.errors import MetarunError
 
 GROUPS = ("data", "model", "algo", "optimizer", "scheduler")
@@ -18,12 +21,13 @@ GROUPS = ("data", "model", "algo", "optimizer", "scheduler")
 
 @cache
 def group_options() -> dict[str, dict[str, str]]:
-    """``{group: {target: option}}`` from ``conf/<group>/*.yaml`` (the first option, by name, per target)."""
+    """``{group: {target: option}}``: the option whose schema builds each class, and any option of
+    ``conf/<group>/*.yaml`` that names its ``_target_`` itself (the first option, by name, per target)."""
     options: dict[str, dict[str, str]] = {}
     for group in GROUPS:
         found = options.setdefault(group, {})
         for path in sorted(Path(conf_dir(), group).glob("*.yaml")):
-            target = OmegaConf.load(path).get("_target_")
+            target = OmegaConf.load(path).get("_target_", TARGETS[group].get(path.stem))
             if isinstance(target, str):
                 found.setdefault(target, path.stem)
     return options

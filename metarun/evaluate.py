@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.evaluation import meta_test
-from metarun.train import build_experiment, protocol
+from metarun.experiment import build_experiment, protocol
 from metarun.utils.checkpoint import load_checkpoint, load_state
 from metarun.utils.display import progress_bar, results_table, run_title, show_results
 from metarun.utils.files import write_json

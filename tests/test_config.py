@@ -5,7 +5,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from metarun.algos.maml import MAML
-from metarun.train import build_experiment
+from metarun.experiment import build_experiment
 from support import TINY_OMNIGLOT, compose_config, omniglot_location
 
 PAIRS = [("omniglot", "conv4"), ("sinusoid", "mlp")]

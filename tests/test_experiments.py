@@ -10,7 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
-from metarun.train import build_experiment, train
+from metarun.experiment import build_experiment
+from metarun.train import train
 from metarun.utils.runtime import build
 from support import compose_config, omniglot_location, read_metrics
 

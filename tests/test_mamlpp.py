@@ -19,7 +19,8 @@ from metarun.algos.maml import MAML
 from metarun.algos.mamlpp import MAMLpp, msl_weights
 from metarun.errors import MetarunError
 from metarun.models import Conv4
-from metarun.train import build_experiment, train
+from metarun.experiment import build_experiment
+from metarun.train import train
 from metarun.utils.checkpoint import load_checkpoint
 from metarun.utils.runtime import build
 from support import random_image_episode, TINY_OMNIGLOT, TINY_SINUSOID, compose_config, omniglot_location, read_metrics

@@ -18,7 +18,8 @@ from metarun.algos.reptile import Reptile, minibatch_indices, task_generators
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 from metarun.models import Conv4
-from metarun.train import build_experiment, train
+from metarun.experiment import build_experiment
+from metarun.train import train
 from metarun.utils.checkpoint import load_checkpoint
 from support import random_image_episode, TINY_OMNIGLOT, compose_config, omniglot_location, read_metrics
 

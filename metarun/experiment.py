@@ -1,0 +1,64 @@
+"""An experiment from a composed config: the data source, network and algorithm a command runs.
+
+``metarun train`` and ``metarun eval`` share this assembly (and what makes two runs' numbers
+comparable, ``protocol``), so the evaluator never imports the trainer.
+"""
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metarun.errors import MetarunError
+from metarun.models.batchnorm import batch_norm_mode
+from metarun.utils.runtime import build, resolve_device
+
+
+def build_experiment(cfg: DictConfig):
+    """Device, task source and algorithm (with its freshly seeded network) from a composed config."""
+    device = resolve_device(cfg.device.name)
+    data = build(cfg.data)
+    torch.manual_seed(cfg.seed)
+    try:
+        model = build(cfg.model)
+    except OmegaConfBaseException as e:
+        raise MetarunError(
+            f"model {cfg.model._target_} does not fit data {cfg.data._target_} ({str(e).splitlines()[0]}): "
+            f"choose the model made for this data (model=conv4 for images, model=mlp for sinusoid)"
+        ) from None
+    train_ways, ways = cfg.data.get("train_ways"), cfg.data.get("ways")
+    if train_ways is not None and train_ways != ways and cfg.model.get("out_features") is not None:
+        raise MetarunError(
+            f"data.train_ways={train_ways} differs from data.ways={ways}, but the network ends in a {ways}-way head: "
+            f"only the metric-based algorithms (algo=protonet, algo=matchingnet with model=conv4_embedding) train "
+            f"on other ways than they test on"
+        )
+    algo = build(cfg.algo, model=model, task=data.task)
+    return device, data.to(device), algo.to(device)
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """Resolved config as ``{"group.key": value}``, the form TensorBoard's hparams and diffs want."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def protocol(cfg: DictConfig, algo) -> dict:
+    """What makes two runs' numbers comparable, in one place (metrics.json and the TensorBoard hparams)."""
+    data = cfg.data
+    train_tasks = {f"train_{k}": data.get(f"train_{k}") if data.get(f"train_{k}") is not None else data.get(k)
+                   for k in ("ways", "shots", "queries")}
+    return {
+        "split": data.get("split"), "ways": data.get("ways"), "shots": data.shots, "queries": data.queries,
+        **train_tasks, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
+        "checkpoint": cfg.test.checkpoint, "batch_norm": batch_norm_mode(algo.model, algo.transductive),
+        "eval_seed": cfg.test.eval_seed,
+    }

@@ -70,7 +70,7 @@ class Conv4Config:
     image_size: int = MISSING
     hidden: int = MISSING
     variant: str = MISSING
-    flatten: bool = False  # stride variant: flatten the final map instead of averaging it (Reptile)
+    final_map: Optional[str] = None  # mean | flatten | null: the variant's own (stride: mean, maxpool: flatten)
 
 
 @dataclass

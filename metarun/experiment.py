@@ -4,6 +4,8 @@
 comparable, ``protocol``), so the evaluator never imports the trainer.
 """
 
+import re
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -11,6 +13,28 @@ from omegaconf.errors import OmegaConfBaseException
 from metarun.errors import MetarunError
 from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.runtime import build, resolve_device
+
+
+# model.flatten (bool) became model.final_map: true flattened the strided network's last map
+# (final_map=flatten); false took the variant's own (final_map=null), as the maxpool variant always flattened.
+_FLATTEN_OVERRIDE = re.compile(r"^model\.flatten=(true|false)$", re.IGNORECASE)
+
+
+def upgraded_config(saved: dict) -> dict:
+    """A checkpoint's config in today's key names, for checkpoints written before a key was renamed."""
+    model = saved.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("flatten"), bool)):
+        return saved  # (a non-bool flatten stays, and the model's schema refuses it)
+    model = {k: v for k, v in model.items() if k != "flatten"} | {"final_map": "flatten" if model["flatten"] else None}
+    return {**saved, "model": model}
+
+
+def upgraded_override(override: str) -> str:
+    """A saved command-line override in today's key names (see ``upgraded_config``)."""
+    found = _FLATTEN_OVERRIDE.match(override)
+    if found is None:
+        return override
+    return "model.final_map=flatten" if found.group(1).lower() == "true" else "model.final_map=null"
 
 
 def build_experiment(cfg: DictConfig):
@@ -32,7 +56,7 @@ def build_experiment(cfg: DictConfig):
             f"only the metric-based algorithms (algo=protonet, algo=matchingnet with model=conv4_embedding) train "
             f"on other ways than they test on"
         )
-    algo = build(cfg.algo, model=model, task=data.task)
+    algo = build(cfg.algo, model=model, problem=data.problem)
     return device, data.to(device), algo.to(device)
 
 

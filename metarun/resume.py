@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
-from metarun.experiment import flat_config
+from metarun.experiment import flat_config, upgraded_config, upgraded_override
 from metarun.utils.checkpoint import load_checkpoint
 
 RUN_GROUPS = ("data", "model", "algo", "optimizer", "scheduler", "device", "experiment")
@@ -41,7 +41,7 @@ def check_resumable(saved: dict, cfg: DictConfig, path: Path) -> None:
     """Refuse to resume from ``path`` (a checkpoint whose resolved config is ``saved``) when ``cfg``
     changes anything but ``RESUMABLE_CHANGES``: the resumed run must compute what the first one did."""
     now = flat_config(cfg)
-    for key, value in flat_config(OmegaConf.create(saved)).items():
+    for key, value in flat_config(OmegaConf.create(upgraded_config(saved))).items():
         if key.startswith(RESUMABLE_CHANGES) or now.get(key) == value:
             continue
         raise MetarunError(
@@ -85,7 +85,7 @@ def saved_overrides(run_dir: Path) -> list[str] | None:
         if override.type != OverrideType.CHANGE or override.package or not _SAFE_KEY.match(key):
             raise MetarunError(f"{last} holds the override '{override.input_line}', which a resume never applies "
                                f"(a checkpoint is data, never code): start a new run directory")
-    return overrides
+    return [upgraded_override(o) for o in overrides]
 
 
 def with_run_overrides(argv: list[str]) -> list[str]:

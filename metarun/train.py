@@ -19,17 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from metarun.config import conf_dir
 from metarun.data.tasks import task_generator
 from metarun.errors import MetarunError
-from metarun.evaluation import meta_test
 from metarun.experiment import build_experiment, flat_config, protocol
+from metarun.metatest import meta_test
 from metarun.resume import check_resumable
 from metarun.utils import stop
 from metarun.utils.checkpoint import FOR_RESUME, load_checkpoint, load_state, save_checkpoint
+from metarun.utils.command import run_command
 from metarun.utils.display import print_config_tree, progress_bar, results_table, run_title, show_results
 from metarun.utils.logger import TensorBoardLogger
 from metarun.utils.runtime import build
 from metarun.utils.files import write_json
 from metarun.utils.rundir import run_overrides, write_hydra_record
-from metarun.utils.task import run_task
 from metarun.validation import validate_train
 
 log = logging.getLogger("metarun")
@@ -196,7 +196,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         logger.close()
 
     results = {
-        "task": algo.task, "metric": metric,
+        "task": algo.problem,  # the key predates the name "problem"; metrics.json keeps it "metric": metric,
         "test": test, "val": {**(best or {}), "history": history},
         "iterations": iteration,
         "training_seconds": round(seconds, 3),  # the meta-training iterations alone, every attempt
@@ -228,4 +228,4 @@ def restore_rng(saved: dict, tasks_rng: torch.Generator, device: torch.device, p
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best validation metric, so sweepers (Optuna) can optimise it."""
-    return run_task(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train")
+    return run_command(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train")

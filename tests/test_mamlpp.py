@@ -256,7 +256,7 @@ def test_state_dict_round_trips_rates_and_norm_copies():
 # -- 5. config and a real run -------------------------------------------------------------------
 def test_config_composes_with_the_omniglot_values():
     cfg = compose_config(["algo=mamlpp"])
-    algo = build(cfg.algo, model=Conv4(out_features=5, hidden=8), task="classification")
+    algo = build(cfg.algo, model=Conv4(out_features=5, hidden=8), problem="classification")
     assert isinstance(algo, MAMLpp) and (algo.inner_lr, algo.inner_steps, algo.eval_inner_steps) == (0.1, 5, 5)
     assert algo.lslr and algo.msl and algo.per_step_bn and not algo.first_order
     assert (algo.msl_iterations, algo.first_order_iterations) == (5000, 0) and algo.transductive

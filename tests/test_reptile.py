@@ -241,7 +241,7 @@ def test_cuda_vmap_matches_the_cpu_loop():
     results = {}
     for device in ("cpu", "cuda"):
         algo = Reptile(model.to(device), "classification", inner_iterations=3, inner_batch_size=4, transductive=False)
-        assert algo.uses_vmap(torch.device(device)) == (device == "cuda")
+        assert algo.path(torch.device(device)) == ("vmap" if device == "cuda" else "loop")
         torch.manual_seed(6)
         loss, _ = algo.meta_loss(episode.to(device))
         grads = torch.autograd.grad(loss, list(model.parameters()))

@@ -190,7 +190,7 @@ def test_loop_and_vmap_paths_agree_on_real_episodes(omniglot_overrides):
 
 def test_untuned_auto_is_vmap_on_cuda_and_the_loop_on_cpu(omniglot_overrides):
     device, _, algo = build_experiment(compose_config(omniglot_overrides))
-    assert algo.uses_vmap(device) == (device.type == "cuda")
+    assert algo.path(device) == ("vmap" if device.type == "cuda" else "loop")
 
 
 @pytest.mark.parametrize("slow", ["loop", "vmap"])

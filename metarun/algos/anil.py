@@ -8,7 +8,7 @@ respect to the adapted parameters, so the backward pass of the inner loop stops 
 
 Example::
 
-    algo = ANIL(Conv4(out_features=5), task="classification", inner_lr=0.4, adapt=r"^head\\.")
+    algo = ANIL(Conv4(out_features=5), problem="classification", inner_lr=0.4, adapt=r"^head\\.")
 """
 
 import re
@@ -19,8 +19,8 @@ from metarun.algos.gradient import GradientBased
 
 
 class ANIL(GradientBased):
-    def __init__(self, model: nn.Module, task: str, adapt: str = r"^head\.", **engine):
-        super().__init__(model, task, **engine)
+    def __init__(self, model: nn.Module, problem: str, adapt: str = r"^head\.", **engine):
+        super().__init__(model, problem, **engine)
         try:
             self.pattern = re.compile(adapt)
         except re.error as e:

@@ -49,7 +49,7 @@ where metarun differs:
 
 Example::
 
-    algo = MAMLpp(Conv4(out_features=5), task="classification", inner_lr=0.1, inner_steps=5,
+    algo = MAMLpp(Conv4(out_features=5), problem="classification", inner_lr=0.1, inner_steps=5,
                   msl_iterations=5000)
     loss, metrics = algo.meta_loss(episode, iteration)   # the iteration drives MSL and DA
     loss.backward()                                      # reaches the network, rates and BN copies
@@ -89,9 +89,9 @@ class MAMLpp(GradientBased):
     # MAML++'s own defaults for the engine's keys (its Omniglot configs); the rest are the engine's.
     ENGINE_DEFAULTS = {"inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5}
 
-    def __init__(self, model: nn.Module, task: str, lslr: bool = True, msl: bool = True, msl_iterations: int = 5000,
+    def __init__(self, model: nn.Module, problem: str, lslr: bool = True, msl: bool = True, msl_iterations: int = 5000,
                  per_step_bn: bool = True, first_order_iterations: int = 0, **engine):
-        super().__init__(model, task, **{**self.ENGINE_DEFAULTS, **engine})
+        super().__init__(model, problem, **{**self.ENGINE_DEFAULTS, **engine})
         if msl_iterations < 0 or first_order_iterations < 0:
             raise ValueError(f"algo.msl_iterations and algo.first_order_iterations must be at least 0 "
                              f"(got {msl_iterations}, {first_order_iterations})")

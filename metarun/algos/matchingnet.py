@@ -25,7 +25,7 @@ norm follows ``algo.transductive`` (see ``metarun.algos.metric``).
 
 Example::
 
-    algo = MatchingNet(Conv4(out_features=None, variant="maxpool"), task="classification", fce=True)
+    algo = MatchingNet(Conv4(out_features=None, variant="maxpool"), problem="classification", fce=True)
     loss, metrics = algo.meta_loss(episode)
     loss.backward()
 """
@@ -52,9 +52,9 @@ class VmapLSTMCell(nn.LSTMCell):
 class MatchingNet(MetricBased):
     config_name = "matchingnet"
 
-    def __init__(self, model: nn.Module, task: str, fce: bool = False, fce_steps: int = 5, batching: str = "auto",
+    def __init__(self, model: nn.Module, problem: str, fce: bool = False, fce_steps: int = 5, batching: str = "auto",
                  transductive: bool = True):
-        super().__init__(model, task, batching=batching, transductive=transductive)
+        super().__init__(model, problem, batching=batching, transductive=transductive)
         self.fce = fce
         self.fce_steps = fce_steps
         if fce:

@@ -7,7 +7,7 @@ the initialisation θ (both are parameters of this module, so the meta-optimiser
 
 Example::
 
-    algo = MetaSGD(MLP(), task="regression", inner_steps=1)
+    algo = MetaSGD(MLP(), problem="regression", inner_steps=1)
 """
 
 import torch
@@ -17,8 +17,8 @@ from metarun.algos.gradient import GradientBased
 
 
 class MetaSGD(GradientBased):
-    def __init__(self, model: nn.Module, task: str, lr_init: tuple[float, float] = (0.005, 0.1), **engine):
-        super().__init__(model, task, inner_lr=0.0, **engine)
+    def __init__(self, model: nn.Module, problem: str, lr_init: tuple[float, float] = (0.005, 0.1), **engine):
+        super().__init__(model, problem, inner_lr=0.0, **engine)
         low, high = lr_init
         if not 0 <= low <= high:
             raise ValueError(f"algo.lr_init must be [low, high] with 0 <= low <= high, got {list(lr_init)}")

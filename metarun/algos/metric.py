@@ -3,7 +3,7 @@
 A metric-based algorithm does not adapt: it embeds a task's support and query images with one
 headless network and classifies each query by a differentiable comparison with the labelled
 support embeddings. A subclass defines that comparison (``task_log_probs``); this module owns the
-rest: the checks on the task and network, the embedding under the batch-norm protocol, the
+rest: the checks on the problem type and network, the embedding under the batch-norm protocol, the
 cross-entropy on the queries, and running a batch of tasks one after another (``loop``) or all
 at once with ``torch.func.vmap`` (``vmap``; ``auto`` times both and keeps the faster, as in
 ``metarun.algos.base``).
@@ -24,7 +24,7 @@ protocol above.
 import torch
 from torch import nn
 
-from metarun.algos.base import MetaAlgorithm, task_metric
+from metarun.algos.base import MetaAlgorithm, problem_metric
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 
@@ -33,14 +33,14 @@ class MetricBased(MetaAlgorithm):
     eval_inner_steps = 0  # nothing adapts: evaluate reports the query accuracy as embedded
     config_name = ""  # the algo=<name> that selects the subclass, for error messages
 
-    def __init__(self, model: nn.Module, task: str, batching: str = "auto", transductive: bool = True):
-        if task != "classification":
+    def __init__(self, model: nn.Module, problem: str, batching: str = "auto", transductive: bool = True):
+        if problem != "classification":
             raise MetarunError(f"algo={self.config_name} classifies queries by their labelled support images: "
-                               f"it needs classification data (data=omniglot), not {task} tasks")
+                               f"it needs classification data (data=omniglot), not {problem} tasks")
         if isinstance(getattr(model, "head", None), nn.Linear):
             raise MetarunError(f"algo={self.config_name} needs a headless embedding network, but the model ends in a "
                                f"linear head: use model=conv4_embedding (or an experiment config)")
-        super().__init__(model, task, transductive, batching)
+        super().__init__(model, problem, transductive, batching)
 
     # -- one task, no task dimension --------------------------------------------------------------
     def embed(self, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +59,7 @@ class MetricBased(MetaAlgorithm):
         support_z, query_z = self.embed(support_x, query_x)
         log_probs = self.task_log_probs(support_z, support_y, query_z, ways)
         loss = nn.functional.nll_loss(log_probs, query_y)
-        return loss, task_metric(log_probs, query_y, self.task).detach()
+        return loss, problem_metric(log_probs, query_y, self.problem).detach()
 
     # -- a batch of tasks -------------------------------------------------------------------------
     def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ a task is lr·g/(|g| + eps), about lr·sign(g) per weight.
 
 Example::
 
-    algo = Reptile(Conv4(out_features=5), task="classification", inner_optimizer="adam", inner_lr=1e-3,
+    algo = Reptile(Conv4(out_features=5), problem="classification", inner_optimizer="adam", inner_lr=1e-3,
                    inner_betas=(0.0, 0.999), inner_iterations=5, inner_batch_size=10)
     loss, metrics = algo.meta_loss(episode)        # episode with 10 shots per class
     loss.backward()
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
-from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
+from metarun.algos.base import MetaAlgorithm, problem_loss, problem_metric
 from metarun.data.episode import Episode
 
 Params = dict[str, torch.Tensor]
@@ -84,7 +84,7 @@ class Reptile(MetaAlgorithm):
     def __init__(
         self,
         model: nn.Module,
-        task: str,
+        problem: str,
         inner_optimizer: str = "adam",
         inner_lr: float = 1e-3,
         inner_betas: tuple[float, float] = (0.0, 0.999),
@@ -95,7 +95,7 @@ class Reptile(MetaAlgorithm):
         batching: str = "auto",
         transductive: bool = True,
     ):
-        super().__init__(model, task, transductive, batching)
+        super().__init__(model, problem, transductive, batching)
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"algo.inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         if not inner_lr > 0:
@@ -126,7 +126,7 @@ class Reptile(MetaAlgorithm):
 
         def loss_fn(p):
             out = self._forward(p, x)
-            return task_loss(out, y, self.task), out
+            return problem_loss(out, y, self.problem), out
 
         if functional:
             grads, (loss, out) = grad_and_value(loss_fn, has_aux=True)(params)
@@ -168,11 +168,11 @@ class Reptile(MetaAlgorithm):
             x, y = sx[order[step]], sy[order[step]]
             grads, loss, out = self._gradients(params, x, y, functional)
             params, state = self._update(params, grads, state, step + 1)
-            yield params, (loss, task_metric(out, y, self.task))
+            yield params, (loss, problem_metric(out, y, self.problem))
 
     def _query_loss_metric(self, params: Params, sx, qx, qy):
         out = self.query_outputs(lambda x: self._forward(params, x), sx, qx)
-        return task_loss(out, qy, self.task), task_metric(out, qy, self.task)
+        return problem_loss(out, qy, self.problem), problem_metric(out, qy, self.problem)
 
     def _task_train(self, theta: Params, sx, sy, qx, qy, order, functional: bool):
         """φ for one task, and the loss and metric reported for it."""

@@ -72,7 +72,7 @@ class OmniglotTasks(TaskSource):
     for the protocols that train on other tasks than they test on (ProtoNets train 60-way,
     Reptile trains on 10 shots). ``train_queries`` may be 0 for algorithms that use no query set."""
 
-    task = "classification"
+    problem = "classification"
 
     def __init__(self, ways, shots, queries, split, root, cache_dir=None, url=OFFICIAL_URL, download=True, channels=1,
                  image_size=28, train_ways=None, train_shots=None, train_queries=None):

@@ -11,7 +11,7 @@ from metarun.data.tasks import TaskSource
 
 
 class SinusoidTasks(TaskSource):
-    task = "regression"
+    problem = "regression"
 
     def __init__(self, shots: int, queries: int, amplitude, phase, x_range):
         self.shots, self.queries = shots, queries

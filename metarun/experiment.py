@@ -12,7 +12,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.errors import MetarunError
 from metarun.models.batchnorm import batch_norm_mode
-from metarun.utils.runtime import build, resolve_device
+from metarun.utils.runtime import build, resolve_device, target_class
+from metarun.utils.targets import group_options
 
 
 # model.flatten (bool) became model.final_map: true flattened the strided network's last map
@@ -40,6 +41,7 @@ def upgraded_override(override: str) -> str:
 def build_experiment(cfg: DictConfig):
     """Device, task source and algorithm (with its freshly seeded network) from a composed config."""
     device = resolve_device(cfg.device.name)
+    check_algorithm_fits(cfg)
     data = build(cfg.data)
     torch.manual_seed(cfg.seed)
     try:
@@ -58,6 +60,20 @@ def build_experiment(cfg: DictConfig):
         )
     algo = build(cfg.algo, model=model, problem=data.problem)
     return device, data.to(device), algo.to(device)
+
+
+def check_algorithm_fits(cfg: DictConfig) -> None:
+    """The algorithm's needs of the other groups, with the option that meets them, before anything is
+    built. (Its constructor checks the same in terms of its own arguments; the fix is another group's
+    option, which only the config knows.)"""
+    algo_class, problem = target_class(cfg.algo), target_class(cfg.data).problem
+    name = f"algo={group_options()['algo'].get(cfg.algo._target_, algo_class.__name__)}"
+    if problem not in algo_class.problems:
+        raise MetarunError(f"{name} classifies queries by their labelled support images: it needs "
+                           f"{' or '.join(algo_class.problems)} data (data=omniglot), not {problem} tasks")
+    if algo_class.embeds and cfg.model.get("out_features") is not None:
+        raise MetarunError(f"{name} needs a headless embedding network, but the model ends in a linear head: "
+                           f"use model=conv4_embedding (or an experiment config)")
 
 
 def flat_config(cfg: DictConfig) -> dict:

@@ -267,8 +267,11 @@ def test_config_composes_with_the_omniglot_values():
 def test_bad_settings_are_clear_errors():
     with pytest.raises(MetarunError, match=r"algo.per_step_bn=true needs a network with batch norm"):
         build_experiment(compose_config(TINY_SINUSOID + ["algo=mamlpp"]))
-    with pytest.raises(ValueError, match=r"algo.msl_iterations"):
+    with pytest.raises(ValueError, match=r"msl_iterations and first_order_iterations must be at least 0"):
         make(msl_iterations=-1)
+    cfg = compose_config(["algo=mamlpp", "algo.msl_iterations=-1"])
+    with pytest.raises(MetarunError, match=r"algo.msl_iterations and algo.first_order_iterations must be at least 0"):
+        build(cfg.algo, model=Conv4(out_features=5, hidden=8), problem="classification")
 
 
 def test_tiny_run_learns_rates_and_writes_finite_metrics(tmp_path, shared_data_root, omniglot_cache_dir):

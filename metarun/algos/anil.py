@@ -24,7 +24,7 @@ class ANIL(GradientBased):
         try:
             self.pattern = re.compile(adapt)
         except re.error as e:
-            raise ValueError(f"algo.adapt is not a regular expression ({e}): {adapt!r}") from None
+            raise ValueError(f"adapt is not a regular expression ({e}): {adapt!r}") from None
         names = [n for n, _ in model.named_parameters()]
         if not any(self.pattern.search(n) for n in names):
             raise ValueError(f"algo.adapt={adapt!r} matches none of the network's parameters ({', '.join(names)})")

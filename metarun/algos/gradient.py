@@ -45,7 +45,7 @@ class GradientBased(MetaAlgorithm):
     ):
         super().__init__(model, problem, transductive, batching)
         if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(f"algo.inner_steps must be at least 1 and algo.eval_inner_steps at least 0 "
+            raise ValueError(f"inner_steps must be at least 1 and eval_inner_steps at least 0 "
                              f"(got {inner_steps}, {eval_inner_steps})")
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps

@@ -93,7 +93,7 @@ class MAMLpp(GradientBased):
                  per_step_bn: bool = True, first_order_iterations: int = 0, **engine):
         super().__init__(model, problem, **{**self.ENGINE_DEFAULTS, **engine})
         if msl_iterations < 0 or first_order_iterations < 0:
-            raise ValueError(f"algo.msl_iterations and algo.first_order_iterations must be at least 0 "
+            raise ValueError(f"msl_iterations and first_order_iterations must be at least 0 "
                              f"(got {msl_iterations}, {first_order_iterations})")
         self.lslr, self.msl, self.per_step_bn = lslr, msl, per_step_bn
         self.msl_iterations, self.first_order_iterations = msl_iterations, first_order_iterations
@@ -102,8 +102,8 @@ class MAMLpp(GradientBased):
                            if isinstance(module, (BatchStatNorm, nn.modules.batchnorm._BatchNorm))
                            for p, _ in module.named_parameters(recurse=False)]
         if per_step_bn and not self.norm_names:
-            raise ValueError(f"algo.per_step_bn=true needs a network with batch norm; {type(model).__name__} has "
-                             f"none: set algo.per_step_bn=false")
+            raise ValueError(f"per_step_bn=True needs a network with batch norm; {type(model).__name__} has "
+                             f"none: use per_step_bn=False")
         # Copies 1..inner_steps of every batch-norm weight and bias; copy 0 is the network's own.
         self.step_norms = nn.ParameterDict({
             _key(n): nn.Parameter(params[n].detach().expand(self.inner_steps, *params[n].shape).clone())

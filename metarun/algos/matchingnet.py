@@ -50,8 +50,6 @@ class VmapLSTMCell(nn.LSTMCell):
 
 
 class MatchingNet(MetricBased):
-    config_name = "matchingnet"
-
     def __init__(self, model: nn.Module, problem: str, fce: bool = False, fce_steps: int = 5, batching: str = "auto",
                  transductive: bool = True):
         super().__init__(model, problem, batching=batching, transductive=transductive)
@@ -59,10 +57,10 @@ class MatchingNet(MetricBased):
         self.fce_steps = fce_steps
         if fce:
             if fce_steps < 1:
-                raise ValueError(f"algo.fce_steps must be at least 1 with algo.fce=true, got {fce_steps}")
+                raise ValueError(f"fce_steps must be at least 1 with fce=True, got {fce_steps}")
             dim = getattr(model, "out_dim", None)
             if dim is None:
-                raise ValueError(f"algo.fce=true sizes its LSTMs from the network's out_dim, which "
+                raise ValueError(f"fce=True sizes its LSTMs from the network's out_dim, which "
                                  f"{type(model).__name__} does not have")
             self.support_forward = VmapLSTMCell(dim, dim)
             self.support_backward = VmapLSTMCell(dim, dim)

@@ -21,7 +21,7 @@ class MetaSGD(GradientBased):
         super().__init__(model, problem, inner_lr=0.0, **engine)
         low, high = lr_init
         if not 0 <= low <= high:
-            raise ValueError(f"algo.lr_init must be [low, high] with 0 <= low <= high, got {list(lr_init)}")
+            raise ValueError(f"lr_init must be [low, high] with 0 <= low <= high, got {list(lr_init)}")
         # Parameter names hold dots, which module names may not: the rates are keyed by position.
         self.lrs = nn.ParameterList(nn.Parameter(torch.empty_like(p).uniform_(low, high)) for p in model.parameters())
         self._index = {n: i for i, (n, _) in enumerate(model.named_parameters())}

@@ -31,15 +31,17 @@ from metarun.errors import MetarunError
 
 class MetricBased(MetaAlgorithm):
     eval_inner_steps = 0  # nothing adapts: evaluate reports the query accuracy as embedded
-    config_name = ""  # the algo=<name> that selects the subclass, for error messages
+    problems = ("classification",)  # queries are classified by their labelled support examples
+    embeds = True  # the network is a headless embedding
 
     def __init__(self, model: nn.Module, problem: str, batching: str = "auto", transductive: bool = True):
-        if problem != "classification":
-            raise MetarunError(f"algo={self.config_name} classifies queries by their labelled support images: "
-                               f"it needs classification data (data=omniglot), not {problem} tasks")
+        name = type(self).__name__
+        if problem not in self.problems:
+            raise ValueError(f"{name} classifies queries by their labelled support examples: problem must be "
+                             f"'classification', got {problem!r}")
         if isinstance(getattr(model, "head", None), nn.Linear):
-            raise MetarunError(f"algo={self.config_name} needs a headless embedding network, but the model ends in a "
-                               f"linear head: use model=conv4_embedding (or an experiment config)")
+            raise ValueError(f"{name} needs a headless embedding network as model (such as Conv4(out_features=None)), "
+                             f"but {type(model).__name__} ends in a linear head")
         super().__init__(model, problem, transductive, batching)
 
     # -- one task, no task dimension --------------------------------------------------------------
@@ -65,7 +67,7 @@ class MetricBased(MetaAlgorithm):
     def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and accuracy of every task: two tensors of shape (T,)."""
         if episode.query_x.shape[1] == 0:
-            raise MetarunError(f"algo={self.config_name} learns from query images: "
+            raise MetarunError(f"{type(self).__name__} learns from query images, but the training tasks have none: "
                                f"set data.train_queries to at least 1")
         # ways is the episode's own (training tasks may have more ways than test tasks). Nothing
         # inside differentiates, so the task's code is the same on both paths (functional unused).
@@ -79,7 +81,6 @@ class MetricBased(MetaAlgorithm):
     def evaluate(self, episode: Episode, steps: int = 0) -> torch.Tensor:
         """Query accuracy of each task, shape (T, 1): there are no adaptation steps to report."""
         if steps != 0:
-            raise ValueError(f"algo={self.config_name} does not adapt: evaluate with steps=0 "
-                             f"(algo.eval_inner_steps does not apply), got {steps}")
+            raise ValueError(f"{type(self).__name__} does not adapt: steps must be 0, got {steps}")
         with torch.no_grad():
             return self._over_tasks(episode)[1][:, None]

@@ -97,16 +97,16 @@ class Reptile(MetaAlgorithm):
     ):
         super().__init__(model, problem, transductive, batching)
         if inner_optimizer not in INNER_OPTIMIZERS:
-            raise ValueError(f"algo.inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         if not inner_lr > 0:
-            raise ValueError(f"algo.inner_lr must be positive, got {inner_lr}")
+            raise ValueError(f"inner_lr must be positive, got {inner_lr}")
         betas = tuple(float(b) for b in inner_betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"algo.inner_betas must be two numbers in [0, 1), got {list(inner_betas)}")
+            raise ValueError(f"inner_betas must be two numbers in [0, 1), got {list(inner_betas)}")
         if min(inner_iterations, inner_batch_size, eval_inner_batch_size) < 1 or eval_inner_steps < 0:
             raise ValueError(
-                f"algo.inner_iterations, algo.inner_batch_size and algo.eval_inner_batch_size must be at least 1 and "
-                f"algo.eval_inner_steps at least 0 (got {inner_iterations}, {inner_batch_size}, "
+                f"inner_iterations, inner_batch_size and eval_inner_batch_size must be at least 1 and "
+                f"eval_inner_steps at least 0 (got {inner_iterations}, {inner_batch_size}, "
                 f"{eval_inner_batch_size}, {eval_inner_steps})"
             )
         self.inner_optimizer = inner_optimizer

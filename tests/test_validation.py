@@ -213,6 +213,15 @@ def test_constructor_value_error_reaches_the_user_as_one_line():
     assert "\n" not in str(e.value) and "algo.adapt='^nowhere' matches none" in str(e.value)
 
 
+def test_a_data_argument_error_names_the_data_key():
+    # OmniglotTasks names its argument (split); the user reads the key, before any archive is read.
+    cfg = compose_config(["data.download=false"])
+    cfg.data.split = "vinyals"  # past composition and validation: the class itself refuses it
+    with pytest.raises(MetarunError, match=r"data.split must be one of .* got 'vinyals'") as e:
+        build(cfg.data)
+    assert "\n" not in str(e.value)
+
+
 # -- independent task streams -----------------------------------------------------------------
 def first_draws(generator: torch.Generator) -> tuple:
     return tuple(torch.rand(4, generator=generator).tolist())

@@ -27,7 +27,7 @@ class ANIL(GradientBased):
             raise ValueError(f"adapt is not a regular expression ({e}): {adapt!r}") from None
         names = [n for n, _ in model.named_parameters()]
         if not any(self.pattern.search(n) for n in names):
-            raise ValueError(f"algo.adapt={adapt!r} matches none of the network's parameters ({', '.join(names)})")
+            raise ValueError(f"adapt={adapt!r} matches none of the network's parameters ({', '.join(names)})")
         self.adapt = adapt
 
     def adapts(self, name: str) -> bool:

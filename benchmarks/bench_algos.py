@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import benchmark_parser  # noqa: E402
 from metarun.algos.base import synchronize  # noqa: E402
 from metarun.config import conf_dir  # noqa: E402
-from metarun.train import build_experiment  # noqa: E402
+from metarun.experiment import build_experiment  # noqa: E402
 
 EXPERIMENTS = {
     "maml": "maml_omniglot_5w1s", "fomaml": "fomaml_omniglot_5w1s", "mamlpp": "mamlpp_omniglot_5w1s",

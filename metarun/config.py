@@ -70,7 +70,7 @@ TARGETS: dict[str, dict[str, str]] = {
 }
 
 # Constructor arguments no config sets: the trainer passes an algorithm its network and problem type.
-PASSED_BY_TRAINER = ("model", "task")
+PASSED_BY_TRAINER = ("model", "problem")
 
 # Algorithms whose constructor hands ``**engine`` on to the gradient engine take the engine's keys too,
 # less those they set themselves (Meta-SGD learns its inner rates: no inner_lr).

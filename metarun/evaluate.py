@@ -17,14 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
-from metarun.evaluation import meta_test
-from metarun.train import build_experiment, protocol
+from metarun.experiment import build_experiment, protocol, upgraded_config
+from metarun.metatest import meta_test
 from metarun.utils.checkpoint import load_checkpoint, load_state
+from metarun.utils.command import run_command
 from metarun.utils.display import progress_bar, results_table, run_title, show_results
 from metarun.utils.files import write_json
 from metarun.utils.rundir import write_hydra_record
 from metarun.utils.targets import GROUPS, option_for
-from metarun.utils.task import run_task
 from metarun.validation import validate_eval
 
 log = logging.getLogger("metarun")
@@ -36,6 +36,7 @@ def trusted_config(saved: dict, path: Path) -> DictConfig:
     A checkpoint is data: each group must name one of metarun's classes (``utils/targets.py``), and
     its values are laid over that option's typed schema, so an unknown key, a wrong type or a
     foreign ``_target_`` is one line of error and nothing is imported or built."""
+    saved = upgraded_config(saved)
     groups = {group: option_for(group, saved.get(group), str(path)) for group in GROUPS}
     base = compose_train([f"{group}={option}" for group, option in groups.items()])
     try:
@@ -85,7 +86,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
         test = meta_test(algo, data, "test", run.test.episodes, cfg.batch_size, algo.eval_inner_steps,
                          run.test.eval_seed, progress)
     test["checkpoint"] = f"{path} (iteration {state['iteration']})"
-    write_json(run_dir / "metrics.json", {"task": algo.task, "metric": algo.metric, "test": test,
+    write_json(run_dir / "metrics.json", {"task": algo.problem, "metric": algo.metric, "test": test,
                                           "protocol": protocol(run, algo),
                                           "config": OmegaConf.to_container(run, resolve=True)})
     show_results(results_table(f"{run_title(run)}: {path}", algo.metric, test, None))
@@ -94,4 +95,4 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="eval")
 def main(cfg: DictConfig) -> float:
-    return run_task(evaluate, cfg, Path(HydraConfig.get().runtime.output_dir), "eval")
+    return run_command(evaluate, cfg, Path(HydraConfig.get().runtime.output_dir), "eval")

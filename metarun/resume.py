@@ -1,4 +1,5 @@
-"""``metarun train hydra.run.dir=X`` alone resumes the run in X as it was started.
+"""The resume policy: what a resume may change (``check_resumable``), and how
+``metarun train hydra.run.dir=X`` alone resumes the run in X as it was started.
 
 Every checkpoint stores the overrides that made its run (``overrides``). Before Hydra composes the
 config, the dispatcher puts them in front of the command line's own, so the run directory's config
@@ -16,8 +17,10 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
+from metarun.experiment import flat_config, upgraded_config, upgraded_override
 from metarun.utils.checkpoint import load_checkpoint
 
 RUN_GROUPS = ("data", "model", "algo", "optimizer", "scheduler", "device", "experiment")
@@ -26,6 +29,25 @@ RUN_GROUPS = ("data", "model", "algo", "optimizer", "scheduler", "device", "expe
 _SAFE_KEY = re.compile(rf"^(({'|'.join(RUN_GROUPS)})|((data|model|algo|optimizer|scheduler|device|train|test)"
                        rf"(\.[A-Za-z][A-Za-z0-9_]*)+)|seed)$")
 MULTIRUN_FLAGS = ("-m", "--multirun")
+
+# Keys that may change between a run and its resumption without changing what it computes.
+# test.eval_seed is not among them: it fixes the validation tasks that choose the best checkpoint.
+RESUMABLE_CHANGES = ("train.iterations", "train.val_every", "train.log_every", "test.episodes", "test.checkpoint",
+                     "device.", "algo.batching",
+                     "data.root", "data.cache_dir", "data.url", "data.download")
+
+
+def check_resumable(saved: dict, cfg: DictConfig, path: Path) -> None:
+    """Refuse to resume from ``path`` (a checkpoint whose resolved config is ``saved``) when ``cfg``
+    changes anything but ``RESUMABLE_CHANGES``: the resumed run must compute what the first one did."""
+    now = flat_config(cfg)
+    for key, value in flat_config(OmegaConf.create(upgraded_config(saved))).items():
+        if key.startswith(RESUMABLE_CHANGES) or now.get(key) == value:
+            continue
+        raise MetarunError(
+            f"{path} was written with {key}={value}, this run has {key}={now.get(key)}: "
+            f"resume with the same settings or start a new run directory"
+        )
 
 
 def _run_dir_argument(argv: list[str]) -> int | None:
@@ -63,7 +85,7 @@ def saved_overrides(run_dir: Path) -> list[str] | None:
         if override.type != OverrideType.CHANGE or override.package or not _SAFE_KEY.match(key):
             raise MetarunError(f"{last} holds the override '{override.input_line}', which a resume never applies "
                                f"(a checkpoint is data, never code): start a new run directory")
-    return overrides
+    return [upgraded_override(o) for o in overrides]
 
 
 def with_run_overrides(argv: list[str]) -> list[str]:

@@ -15,92 +15,24 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import conf_dir
 from metarun.data.tasks import task_generator
 from metarun.errors import MetarunError
-from metarun.evaluation import meta_test
-from metarun.models.batchnorm import batch_norm_mode
+from metarun.experiment import build_experiment, flat_config, protocol
+from metarun.metatest import meta_test
+from metarun.resume import check_resumable
 from metarun.utils import stop
 from metarun.utils.checkpoint import FOR_RESUME, load_checkpoint, load_state, save_checkpoint
+from metarun.utils.command import run_command
 from metarun.utils.display import print_config_tree, progress_bar, results_table, run_title, show_results
 from metarun.utils.logger import TensorBoardLogger
-from metarun.utils.runtime import build, resolve_device
+from metarun.utils.runtime import build
 from metarun.utils.files import write_json
 from metarun.utils.rundir import run_overrides, write_hydra_record
-from metarun.utils.task import run_task
 from metarun.validation import validate_train
 
 log = logging.getLogger("metarun")
-
-# Keys that may change between a run and its resumption without changing what it computes.
-# test.eval_seed is not among them: it fixes the validation tasks that choose the best checkpoint.
-RESUMABLE_CHANGES = ("train.iterations", "train.val_every", "train.log_every", "test.episodes", "test.checkpoint",
-                     "device.", "algo.batching",
-                     "data.root", "data.cache_dir", "data.url", "data.download")
-
-
-def build_experiment(cfg: DictConfig):
-    """Device, task source and algorithm (with its freshly seeded network) from a composed config."""
-    device = resolve_device(cfg.device.name)
-    data = build(cfg.data)
-    torch.manual_seed(cfg.seed)
-    try:
-        model = build(cfg.model)
-    except OmegaConfBaseException as e:
-        raise MetarunError(
-            f"model {cfg.model._target_} does not fit data {cfg.data._target_} ({str(e).splitlines()[0]}): "
-            f"choose the model made for this data (model=conv4 for images, model=mlp for sinusoid)"
-        ) from None
-    train_ways, ways = cfg.data.get("train_ways"), cfg.data.get("ways")
-    if train_ways is not None and train_ways != ways and cfg.model.get("out_features") is not None:
-        raise MetarunError(
-            f"data.train_ways={train_ways} differs from data.ways={ways}, but the network ends in a {ways}-way head: "
-            f"only the metric-based algorithms (algo=protonet, algo=matchingnet with model=conv4_embedding) train "
-            f"on other ways than they test on"
-        )
-    algo = build(cfg.algo, model=model, task=data.task)
-    return device, data.to(device), algo.to(device)
-
-
-def flat_config(cfg: DictConfig) -> dict:
-    """Resolved config as ``{"group.key": value}``, the form TensorBoard's hparams and diffs want."""
-    out = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
-
-
-def check_resumable(saved: dict, cfg: DictConfig, path: Path) -> None:
-    now = flat_config(cfg)
-    for key, value in flat_config(OmegaConf.create(saved)).items():
-        if key.startswith(RESUMABLE_CHANGES) or now.get(key) == value:
-            continue
-        raise MetarunError(
-            f"{path} was written with {key}={value}, this run has {key}={now.get(key)}: "
-            f"resume with the same settings or start a new run directory"
-        )
-
-
-def protocol(cfg: DictConfig, algo) -> dict:
-    """What makes two runs' numbers comparable, in one place (metrics.json and the TensorBoard hparams)."""
-    data = cfg.data
-    train_tasks = {f"train_{k}": data.get(f"train_{k}") if data.get(f"train_{k}") is not None else data.get(k)
-                   for k in ("ways", "shots", "queries")}
-    return {
-        "split": data.get("split"), "ways": data.get("ways"), "shots": data.shots, "queries": data.queries,
-        **train_tasks, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
-        "checkpoint": cfg.test.checkpoint, "batch_norm": batch_norm_mode(algo.model, algo.transductive),
-        "eval_seed": cfg.test.eval_seed,
-    }
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
@@ -264,7 +196,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         logger.close()
 
     results = {
-        "task": algo.task, "metric": metric,
+        "task": algo.problem,  # the key predates the name "problem"; metrics.json keeps it "metric": metric,
         "test": test, "val": {**(best or {}), "history": history},
         "iterations": iteration,
         "training_seconds": round(seconds, 3),  # the meta-training iterations alone, every attempt
@@ -296,4 +228,4 @@ def restore_rng(saved: dict, tasks_rng: torch.Generator, device: torch.device, p
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best validation metric, so sweepers (Optuna) can optimise it."""
-    return run_task(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train")
+    return run_command(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train")

@@ -22,7 +22,7 @@ from metarun.algos.reptile import INNER_OPTIMIZERS
 from metarun.data.omniglot import SPLIT_NAMES
 from metarun.data.omniglot_files import IMAGES_PER_CHARACTER
 from metarun.errors import MetarunError
-from metarun.models.conv4 import VARIANTS
+from metarun.models.conv4 import FINAL_MAPS, VARIANTS
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64): negatives alias 2**64 + seed
 
@@ -141,6 +141,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.in_channels": COUNT,
     "model.image_size": COUNT,
     "model.variant": one_of(*VARIANTS),
+    "model.final_map": one_of(*FINAL_MAPS),
     # algo
     "algo.inner_lr": POSITIVE,
     "algo.inner_steps": COUNT,

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from metarun.algos.maml import MAML
 from metarun.algos.mamlpp import MAMLpp
 from metarun.config import PASSED_BY_TRAINER, TARGETS, TORCH_KEYS, conf_dir
-from metarun.train import build_experiment
+from metarun.experiment import build_experiment
 from support import TINY_OMNIGLOT, compose_config, group_options, omniglot_location
 
 PAIRS = [("omniglot", "conv4"), ("sinusoid", "mlp")]

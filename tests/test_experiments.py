@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
-from metarun.train import build_experiment, train
+from metarun.experiment import build_experiment
+from metarun.train import train
 from metarun.utils.runtime import build
 from support import compose_config, group_options, omniglot_location, read_metrics
 
@@ -121,7 +122,7 @@ def test_reptile_transduction_changes_only_the_batch_norm_mode(setting):
     ("reptile_omniglot_5w1s", {"optimizer._target_": "torch.optim.SGD", "train.meta_lr": 1.0,
                                "scheduler._target_": "torch.optim.lr_scheduler.LinearLR", "scheduler.end_factor": 0.0,
                                "data.train_shots": 10, "algo.inner_betas": [0.0, 0.999], "algo.transductive": False,
-                               "model.flatten": True,
+                               "model.final_map": "flatten",
                                "test.episodes": 10000, "data.split": "nichol", "train.meta_batch_size": 5}),
     ("protonet_omniglot_5w1s", {"data.train_ways": 60, "data.train_queries": 5, "model.out_features": None,
                                 "model.variant": "maxpool", "scheduler.step_size": 2000, "scheduler.gamma": 0.5,
@@ -170,7 +171,7 @@ def test_settings_that_cannot_train_are_one_line_errors(shared_data_root, omnigl
 
 def test_reptile_warns_when_the_meta_optimiser_is_not_its_outer_step(caplog):
     cfg = compose_config(["algo=reptile", "data=sinusoid", "model=mlp"])
-    algo = build(cfg.algo, model=build(cfg.model), task="regression")
+    algo = build(cfg.algo, model=build(cfg.model), problem="regression")
     with caplog.at_level("WARNING", logger="metarun"):
         algo.check_optimizer(torch.optim.SGD(algo.parameters(), lr=1.0))
         assert not caplog.records

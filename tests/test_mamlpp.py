@@ -19,7 +19,8 @@ from metarun.algos.maml import MAML
 from metarun.algos.mamlpp import MAMLpp, msl_weights
 from metarun.errors import MetarunError
 from metarun.models import Conv4
-from metarun.train import build_experiment, train
+from metarun.experiment import build_experiment
+from metarun.train import train
 from metarun.utils.checkpoint import load_checkpoint
 from metarun.utils.runtime import build
 from support import random_image_episode, TINY_OMNIGLOT, TINY_SINUSOID, compose_config, omniglot_location, read_metrics
@@ -255,7 +256,7 @@ def test_state_dict_round_trips_rates_and_norm_copies():
 # -- 5. config and a real run -------------------------------------------------------------------
 def test_config_composes_with_the_omniglot_values():
     cfg = compose_config(["algo=mamlpp"])
-    algo = build(cfg.algo, model=Conv4(out_features=5, hidden=8), task="classification")
+    algo = build(cfg.algo, model=Conv4(out_features=5, hidden=8), problem="classification")
     assert isinstance(algo, MAMLpp) and (algo.inner_lr, algo.inner_steps, algo.eval_inner_steps) == (0.1, 5, 5)
     assert algo.lslr and algo.msl and algo.per_step_bn and not algo.first_order
     assert (algo.msl_iterations, algo.first_order_iterations) == (5000, 0) and algo.transductive
@@ -266,8 +267,11 @@ def test_config_composes_with_the_omniglot_values():
 def test_bad_settings_are_clear_errors():
     with pytest.raises(MetarunError, match=r"algo.per_step_bn=true needs a network with batch norm"):
         build_experiment(compose_config(TINY_SINUSOID + ["algo=mamlpp"]))
-    with pytest.raises(ValueError, match=r"algo.msl_iterations"):
+    with pytest.raises(ValueError, match=r"msl_iterations and first_order_iterations must be at least 0"):
         make(msl_iterations=-1)
+    cfg = compose_config(["algo=mamlpp", "algo.msl_iterations=-1"])
+    with pytest.raises(MetarunError, match=r"algo.msl_iterations and algo.first_order_iterations must be at least 0"):
+        build(cfg.algo, model=Conv4(out_features=5, hidden=8), problem="classification")
 
 
 def test_tiny_run_learns_rates_and_writes_finite_metrics(tmp_path, shared_data_root, omniglot_cache_dir):

@@ -16,8 +16,10 @@ from metarun.algos.matchingnet import MatchingNet, VmapLSTMCell
 from metarun.algos.protonet import ProtoNet
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
+from metarun.experiment import build_experiment
 from metarun.models import Conv4
 from metarun.train import train
+from metarun.utils.runtime import build
 from support import random_image_episode, TINY_OMNIGLOT, compose_config, omniglot_location, read_metrics
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 3
@@ -205,18 +207,32 @@ def test_training_tasks_may_have_more_ways_than_test_tasks():
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(MetarunError, match="use model=conv4_embedding"):
+    # The classes are a library: they name their own arguments...
+    with pytest.raises(ValueError, match="needs a headless embedding network as model"):
         ProtoNet(Conv4(out_features=5), "classification")
-    with pytest.raises(MetarunError, match="needs classification data"):
+    with pytest.raises(ValueError, match="problem must be 'classification', got 'regression'"):
         MatchingNet(Flatten(), "regression")
-    with pytest.raises(ValueError, match="algo.distance"):
+    with pytest.raises(ValueError, match="distance must be one of"):
         ProtoNet(Flatten(), "classification", distance="manhattan")
-    with pytest.raises(ValueError, match="algo.fce_steps"):
+    with pytest.raises(ValueError, match="fce_steps must be at least 1 with fce=True"):
         MatchingNet(Flatten(), "classification", fce=True, fce_steps=0)
     episode = image_episode()
     episode.query_x, episode.query_y = episode.query_x[:, :0], episode.query_y[:, :0]
     with pytest.raises(MetarunError, match="data.train_queries"):
         make("protonet", embedding_net()).meta_loss(episode)
+
+
+def test_bad_settings_reach_the_user_as_config_keys():
+    # ... and what the user reads names the config keys and the option that fixes it.
+    with pytest.raises(MetarunError, match="use model=conv4_embedding"):
+        build_experiment(compose_config(["algo=protonet", "data.download=false"]))  # before any data is read
+    with pytest.raises(MetarunError, match="algo=matchingnet classifies .* needs classification data"):
+        build_experiment(compose_config(["algo=matchingnet", "data=sinusoid", "model=mlp"]))
+    for overrides, words in ((["algo=protonet", "algo.distance=manhattan"], "algo.distance must be one of"),
+                             (["algo=matchingnet", "algo.fce=true", "algo.fce_steps=0"],
+                              "algo.fce_steps must be at least 1 with algo.fce=true")):
+        with pytest.raises(MetarunError, match=words):
+            build(compose_config(overrides).algo, model=Flatten(), problem="classification")
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from metarun.algos.reptile import Reptile, minibatch_indices, task_generators
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 from metarun.models import Conv4
-from metarun.train import build_experiment, train
+from metarun.experiment import build_experiment
+from metarun.train import train
 from metarun.utils.checkpoint import load_checkpoint
 from support import random_image_episode, TINY_OMNIGLOT, compose_config, omniglot_location, read_metrics
 
@@ -240,7 +241,7 @@ def test_cuda_vmap_matches_the_cpu_loop():
     results = {}
     for device in ("cpu", "cuda"):
         algo = Reptile(model.to(device), "classification", inner_iterations=3, inner_batch_size=4, transductive=False)
-        assert algo.uses_vmap(torch.device(device)) == (device == "cuda")
+        assert algo.path(torch.device(device)) == ("vmap" if device == "cuda" else "loop")
         torch.manual_seed(6)
         loss, _ = algo.meta_loss(episode.to(device))
         grads = torch.autograd.grad(loss, list(model.parameters()))

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 import types
 
 import pytest
@@ -13,7 +15,8 @@ from metarun.algos.base import MetaAlgorithm
 from metarun.data.sinusoid import SinusoidTasks
 from metarun.errors import MetarunError
 from metarun.evaluate import evaluate
-from metarun.train import build_experiment, train
+from metarun.experiment import build_experiment
+from metarun.train import train
 from metarun.utils import checkpoint as checkpoint_module
 from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
 from support import TINY_OMNIGLOT, TINY_SINUSOID, compose_config, omniglot_location, read_metrics
@@ -86,6 +89,14 @@ def test_resume_refuses_a_changed_experiment(tmp_path):
     with pytest.raises(MetarunError, match=r"test.eval_seed=0, this run has test.eval_seed=1"):
         run(tmp_path, TINY_SINUSOID + ["test.eval_seed=1"])
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_eval_shares_the_experiment_assembly_without_importing_the_trainer():
+    # metarun.train is the loop a reader opens first, not a library: eval builds its experiment from
+    # metarun.experiment, and the resume policy lives in metarun.resume.
+    probe = "import sys, metarun.evaluate, metarun.resume; print('metarun.train' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "False"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -179,7 +190,7 @@ def test_loop_and_vmap_paths_agree_on_real_episodes(omniglot_overrides):
 
 def test_untuned_auto_is_vmap_on_cuda_and_the_loop_on_cpu(omniglot_overrides):
     device, _, algo = build_experiment(compose_config(omniglot_overrides))
-    assert algo.uses_vmap(device) == (device.type == "cuda")
+    assert algo.path(device) == ("vmap" if device.type == "cuda" else "loop")
 
 
 @pytest.mark.parametrize("slow", ["loop", "vmap"])

@@ -7,17 +7,19 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
-from metarun.evaluate import evaluate
-from metarun.resume import saved_overrides, with_run_overrides
+from metarun.evaluate import evaluate, trusted_config
+from metarun.experiment import upgraded_override
+from metarun.resume import check_resumable, saved_overrides, with_run_overrides
 from metarun.train import train
 from metarun.utils import checkpoint as checkpoint_module
 from metarun.utils import stop
 from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
+from metarun.utils.command import run_command
 from metarun.utils.runtime import build
 from metarun.utils.rundir import owned
-from metarun.utils.task import run_task
 from support import TINY_SINUSOID, compose_config, read_metrics
 
 TIMING = ("training_seconds", "wall_clock_seconds")
@@ -31,7 +33,7 @@ def without_timing(metrics):
 def finished_run(tmp_path_factory):
     """A finished tiny sinusoid run (its checkpoints are the raw material of the crafted ones)."""
     run_dir = tmp_path_factory.mktemp("finished")
-    run_task(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), run_dir, "train")
+    run_command(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), run_dir, "train")
     return run_dir
 
 
@@ -140,8 +142,8 @@ def test_the_hydra_record_of_a_checkpoint_is_never_written_back(tmp_path, finish
     (run_dir / "checkpoints" / "last.pt").write_bytes(open(path, "rb").read())
     (run_dir / "checkpoints" / "best.pt").write_bytes((finished_run / "checkpoints" / "best.pt").read_bytes())
     with pytest.raises(MetarunError):  # a failed attempt: the settings differ
-        run_task(train, compose_config(TINY_SINUSOID + ["algo.inner_lr=0.5"]), run_dir, "train")
-    run_task(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), run_dir, "train")
+        run_command(train, compose_config(TINY_SINUSOID + ["algo.inner_lr=0.5"]), run_dir, "train")
+    run_command(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), run_dir, "train")
     assert not escape.exists() and not (run_dir / ".hydra" / "config.yaml").exists()
 
 
@@ -176,6 +178,23 @@ def test_a_damaged_checkpoint_is_refused_on_resume_too(tmp_path, finished_run):
 
 
 # -- 2. a run directory is owned -------------------------------------------------------------------
+@pytest.mark.parametrize("flatten, final_map", [(True, "flatten"), (False, None)])
+def test_a_checkpoint_written_with_model_flatten_still_evaluates_and_resumes(tmp_path, flatten, final_map):
+    # model.flatten (bool) became model.final_map: a checkpoint's config and its saved overrides are
+    # read in today's names, so older runs evaluate and resume as they did.
+    cfg = compose_config(["experiment=reptile_omniglot_5w1s", f"model.final_map={final_map or 'null'}",
+                          f"data.root={tmp_path}"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["model"]["final_map"]
+    saved["model"]["flatten"] = flatten
+    assert trusted_config(saved, tmp_path / "old.pt").model.final_map == final_map
+    check_resumable(saved, cfg, tmp_path / "old.pt")  # the same run: no refusal
+    with pytest.raises(MetarunError, match="model.final_map"):
+        check_resumable(saved, compose_config(["experiment=reptile_omniglot_5w1s", f"data.root={tmp_path}",
+                                               f"model.final_map={'mean' if flatten else 'flatten'}"]), tmp_path / "old.pt")
+    assert upgraded_override(f"model.flatten={str(flatten).lower()}") == f"model.final_map={final_map or 'null'}"
+
+
 def test_a_held_run_directory_is_refused_naming_the_holder(tmp_path):
     with owned(tmp_path / "run", "train"):
         with pytest.raises(MetarunError, match=r"is in use by pid \d+ on .* since .*: wait for that run"):
@@ -258,7 +277,7 @@ def test_a_save_that_fails_half_way_is_one_line_and_keeps_the_last_checkpoint(tm
     monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
     run_dir = tmp_path / "run"
     with pytest.raises(MetarunError) as error:
-        run_task(train, compose_config(TINY_SINUSOID), run_dir, "train")
+        run_command(train, compose_config(TINY_SINUSOID), run_dir, "train")
     message = str(error.value)
     assert words in message and "checkpoints/last.pt keeps the last good state" in message and "\n" not in message
     monkeypatch.undo()
@@ -284,7 +303,7 @@ def test_running_out_of_memory_is_one_line_naming_the_meta_batch(tmp_path, monke
 
     monkeypatch.setattr(GradientBased, "meta_loss", oom)
     with pytest.raises(MetarunError, match="out of .*memory.*lower train.meta_batch_size.*last.pt keeps") as caught:
-        run_task(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), tmp_path / "run", "train")
+        run_command(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), tmp_path / "run", "train")
     assert "\n" not in str(caught.value)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] == 3
 
@@ -294,7 +313,7 @@ def test_a_bug_is_not_disguised_as_a_user_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GradientBased, "meta_loss", lambda self, episode, iteration=0: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        run_task(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), tmp_path / "run", "train")
+        run_command(train, compose_config(TINY_SINUSOID + ["algo.batching=loop"]), tmp_path / "run", "train")
 
 
 # -- 6. a stop request keeps the state of the last completed iteration ------------------------------------
@@ -360,7 +379,7 @@ def test_an_unwritable_run_location_is_one_line(tmp_path, blocker):
         run_dir = run_dir / "sub"
         words = "not a folder"
     with pytest.raises(MetarunError, match=words) as error:
-        run_task(train, compose_config(TINY_SINUSOID), run_dir, "train")
+        run_command(train, compose_config(TINY_SINUSOID), run_dir, "train")
     assert "\n" not in str(error.value)
 
 
@@ -374,5 +393,5 @@ def test_a_run_refused_on_a_directory_both_created_never_removes_the_holders_fil
         (run_dir / "train.log").write_text("the holder's log")
         rundir._new_folders[run_dir] = tmp_path / "new"
         with pytest.raises(MetarunError, match="is in use by"):
-            run_task(train, compose_config(TINY_SINUSOID), run_dir, "train")
+            run_command(train, compose_config(TINY_SINUSOID), run_dir, "train")
         assert (run_dir / "train.log").read_text() == "the holder's log"

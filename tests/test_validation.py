@@ -209,8 +209,17 @@ def test_constructor_value_error_reaches_the_user_as_one_line():
     # Algorithms raise ValueError naming their algo.* key; build() turns it into one user-facing line.
     cfg = compose_config(["algo=anil", "algo.adapt='^nowhere'"])
     with pytest.raises(MetarunError) as e:
-        build(cfg.algo, model=Conv4(out_features=5), task="classification")
+        build(cfg.algo, model=Conv4(out_features=5), problem="classification")
     assert "\n" not in str(e.value) and "algo.adapt='^nowhere' matches none" in str(e.value)
+
+
+def test_a_data_argument_error_names_the_data_key():
+    # OmniglotTasks names its argument (split); the user reads the key, before any archive is read.
+    cfg = compose_config(["data.download=false"])
+    cfg.data.split = "vinyals"  # past composition and validation: the class itself refuses it
+    with pytest.raises(MetarunError, match=r"data.split must be one of .* got 'vinyals'") as e:
+        build(cfg.data)
+    assert "\n" not in str(e.value)
 
 
 # -- independent task streams -----------------------------------------------------------------
@@ -271,25 +280,25 @@ def assert_keys_exist(message: str, cfg) -> None:
         assert OmegaConf.select(cfg, key, default="absent") != "absent", f"{key} is not a key of this data: {message}"
 
 
-def no_query_episode(ways: int, task: str) -> Episode:
-    shape = (2, 5, 1) if task == "regression" else (2, ways, 1, 28, 28)
-    support_y = torch.zeros(2, 5, 1) if task == "regression" else torch.arange(ways).expand(2, -1)
+def no_query_episode(ways: int, problem: str) -> Episode:
+    shape = (2, 5, 1) if problem == "regression" else (2, ways, 1, 28, 28)
+    support_y = torch.zeros(2, 5, 1) if problem == "regression" else torch.arange(ways).expand(2, -1)
     empty_x = torch.zeros(2, 0, *shape[2:])
-    empty_y = torch.zeros(2, 0, 1) if task == "regression" else torch.zeros(2, 0, dtype=torch.long)
+    empty_y = torch.zeros(2, 0, 1) if problem == "regression" else torch.zeros(2, 0, dtype=torch.long)
     return Episode(torch.zeros(shape), support_y, empty_x, empty_y, ways=ways, shots=1, queries=0)
 
 
 def test_no_query_messages_name_keys_of_the_chosen_data():
     sinusoid = compose_config(SINUSOID)
     with pytest.raises(MetarunError) as e:
-        MAML(MLP(1, [8], 1), task="regression").meta_loss(no_query_episode(1, "regression"))
+        MAML(MLP(1, [8], 1), problem="regression").meta_loss(no_query_episode(1, "regression"))
     assert_keys_exist(str(e.value), sinusoid)
     omniglot = compose_config()
     with pytest.raises(MetarunError) as e:
-        MAML(Conv4(out_features=3, hidden=4), task="classification").meta_loss(no_query_episode(3, "classification"))
+        MAML(Conv4(out_features=3, hidden=4), problem="classification").meta_loss(no_query_episode(3, "classification"))
     assert_keys_exist(str(e.value), omniglot)
     with pytest.raises(MetarunError) as e:
-        ProtoNet(Conv4(out_features=None, hidden=4, variant="maxpool"), task="classification").meta_loss(
+        ProtoNet(Conv4(out_features=None, hidden=4, variant="maxpool"), problem="classification").meta_loss(
             no_query_episode(3, "classification"))
     assert_keys_exist(str(e.value), omniglot)
 

@@ -8,7 +8,7 @@ respect to the adapted parameters, so the backward pass of the inner loop stops 
 
 Example::
 
-    algo = ANIL(Conv4(out_features=5), task="classification", inner_lr=0.4, adapt=r"^head\\.")
+    algo = ANIL(Conv4(out_features=5), problem="classification", inner_lr=0.4, adapt=r"^head\\.")
 """
 
 import re
@@ -19,15 +19,15 @@ from metarun.algos.gradient import GradientBased
 
 
 class ANIL(GradientBased):
-    def __init__(self, model: nn.Module, task: str, adapt: str = r"^head\.", **engine):
-        super().__init__(model, task, **engine)
+    def __init__(self, model: nn.Module, problem: str, adapt: str = r"^head\.", **engine):
+        super().__init__(model, problem, **engine)
         try:
             self.pattern = re.compile(adapt)
         except re.error as e:
-            raise ValueError(f"algo.adapt is not a regular expression ({e}): {adapt!r}") from None
+            raise ValueError(f"adapt is not a regular expression ({e}): {adapt!r}") from None
         names = [n for n, _ in model.named_parameters()]
         if not any(self.pattern.search(n) for n in names):
-            raise ValueError(f"algo.adapt={adapt!r} matches none of the network's parameters ({', '.join(names)})")
+            raise ValueError(f"adapt={adapt!r} matches none of the network's parameters ({', '.join(names)})")
         self.adapt = adapt
 
     def adapts(self, name: str) -> bool:

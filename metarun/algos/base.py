@@ -17,19 +17,21 @@ from torch.func import vmap
 from metarun.data.episode import Episode
 from metarun.utils import stop
 
-TASKS = ("classification", "regression")
+# The kind of problem a task poses (a few-shot *task* is one draw of support and query sets).
+PROBLEMS = ("classification", "regression")
 BATCHING = ("auto", "loop", "vmap")
 
 
-def task_loss(output: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "classification":
+def problem_loss(output: torch.Tensor, target: torch.Tensor, problem: str) -> torch.Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if problem == "classification":
         return F.cross_entropy(output, target)
     return F.mse_loss(output, target)
 
 
-def task_metric(output: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+def problem_metric(output: torch.Tensor, target: torch.Tensor, problem: str) -> torch.Tensor:
     """Accuracy for classification, mean squared error for regression."""
-    if task == "classification":
+    if problem == "classification":
         return (output.argmax(dim=-1) == target).to(output.dtype).mean()
     return F.mse_loss(output, target)
 
@@ -50,12 +52,12 @@ def stack_tasks(per_task: list):
     return torch.stack(per_task)
 
 
-def metric_name(task: str) -> str:
-    return "accuracy" if task == "classification" else "mse"
+def metric_name(problem: str) -> str:
+    return "accuracy" if problem == "classification" else "mse"
 
 
 class MetaAlgorithm(nn.Module):
-    """Base class: holds the network and the task type; subclasses define the two methods.
+    """Base class: holds the network and the problem type (``PROBLEMS``); subclasses define the two methods.
 
     ``transductive`` is the batch-norm protocol for query sets: True normalises all queries of a
     task as one batch (MAML's reference code); False normalises each query in a batch with the
@@ -68,15 +70,17 @@ class MetaAlgorithm(nn.Module):
     """
 
     eval_inner_steps = 0  # adaptation steps at meta-validation and meta-test
+    problems = PROBLEMS  # the problem types it learns
+    embeds = False  # True: the network must be a headless embedding (no linear head)
 
-    def __init__(self, model: nn.Module, task: str, transductive: bool = True, batching: str = "auto"):
+    def __init__(self, model: nn.Module, problem: str, transductive: bool = True, batching: str = "auto"):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if problem not in PROBLEMS:
+            raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
         if batching not in BATCHING:
-            raise ValueError(f"algo.batching must be one of {BATCHING}, got {batching!r}")
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.model = model
-        self.task = task
+        self.problem = problem
         self.transductive = transductive
         self.batching = batching
         self.tuned_batching: str | None = None  # the path ``auto`` chose (tune_batching or a checkpoint)
@@ -90,7 +94,7 @@ class MetaAlgorithm(nn.Module):
 
     @property
     def metric(self) -> str:
-        return metric_name(self.task)
+        return metric_name(self.problem)
 
     def path(self, device: torch.device) -> str:
         """The execution path a batch of tasks takes on ``device``: ``loop`` or ``vmap``."""
@@ -100,16 +104,12 @@ class MetaAlgorithm(nn.Module):
             return self.tuned_batching
         return "vmap" if device.type == "cuda" else "loop"
 
-    def uses_vmap(self, device: torch.device) -> bool:
-        """Whether tasks run vectorised with torch.func.vmap on ``device`` (else one after another)."""
-        return self.path(device) == "vmap"
-
     def over_tasks(self, fn: Callable, *batch: torch.Tensor):
         """``fn(*task, functional=...)`` for every task of ``batch`` (tensors with a leading task
         dimension), as the execution path says: all at once under ``torch.func.vmap``
         (``functional=True``: ``fn`` must use torch.func inside) or one after another
         (``functional=False``). The outputs are stacked over tasks either way."""
-        if self.uses_vmap(batch[0].device):
+        if self.path(batch[0].device) == "vmap":
             return vmap(lambda *task: fn(*task, functional=True))(*batch)
         return stack_tasks([stop.checked(fn(*task, functional=False)) for task in zip(*batch)])
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
+from metarun.algos.base import MetaAlgorithm, problem_loss, problem_metric
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 
@@ -41,7 +41,7 @@ class GradientBased(MetaAlgorithm):
     def __init__(
         self,
         model: nn.Module,
-        task: str,
+        problem: str,
         inner_lr: float = 0.4,
         inner_steps: int = 1,
         eval_inner_steps: int = 10,
@@ -49,9 +49,9 @@ class GradientBased(MetaAlgorithm):
         batching: str = "auto",
         transductive: bool = True,
     ):
-        super().__init__(model, task, transductive, batching)
+        super().__init__(model, problem, transductive, batching)
         if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(f"algo.inner_steps must be at least 1 and algo.eval_inner_steps at least 0 "
+            raise ValueError(f"inner_steps must be at least 1 and eval_inner_steps at least 0 "
                              f"(got {inner_steps}, {eval_inner_steps})")
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -80,7 +80,7 @@ class GradientBased(MetaAlgorithm):
 
     # -- one task, no task dimension ------------------------------------------------------------
     def _inner_loss(self, adapted: Params, fixed: Params, x, y, step: int) -> torch.Tensor:
-        return task_loss(self.forward({**fixed, **adapted}, x, step), y, self.task)
+        return problem_loss(self.forward({**fixed, **adapted}, x, step), y, self.problem)
 
     def _step(self, adapted: Params, fixed: Params, x, y, step: int, differentiable: bool, functional: bool) -> Params:
         """One gradient step on the support loss. ``functional`` selects torch.func (needed under vmap)."""
@@ -106,12 +106,12 @@ class GradientBased(MetaAlgorithm):
         for step in range(self.inner_steps):
             adapted = self._step(adapted, fixed, sx, sy, step, differentiable=not first_order, functional=functional)
             if weights is not None and step + 1 < self.inner_steps:
-                losses.append(task_loss(self._query_output(adapted, fixed, sx, qx, step + 1), qy, self.task))
+                losses.append(problem_loss(self._query_output(adapted, fixed, sx, qx, step + 1), qy, self.problem))
         out = self._query_output(adapted, fixed, sx, qx, self.inner_steps)
-        loss = task_loss(out, qy, self.task)
+        loss = problem_loss(out, qy, self.problem)
         if weights is not None:
             loss = (weights * torch.stack(losses + [loss])).sum()
-        return loss, task_metric(out, qy, self.task).detach()
+        return loss, problem_metric(out, qy, self.problem).detach()
 
     def _task_evaluate(self, params: Params, sx, sy, qx, qy, steps: int, functional: bool):
         adapted, fixed = self._split(params)
@@ -119,14 +119,14 @@ class GradientBased(MetaAlgorithm):
         for step in range(steps + 1):
             if step:
                 adapted = self._step(adapted, fixed, sx, sy, step - 1, differentiable=False, functional=functional)
-            metrics.append(task_metric(self._query_output(adapted, fixed, sx, qx, step), qy, self.task).detach())
+            metrics.append(problem_metric(self._query_output(adapted, fixed, sx, qx, step), qy, self.problem).detach())
         return torch.stack(metrics)
 
     # -- a batch of tasks -------------------------------------------------------------------------
     def meta_loss(self, episode: Episode, iteration: int = 0):
         if episode.query_x.shape[1] == 0:
             # Only classification data has separate training tasks (data.train_queries); regression has data.queries.
-            key = "data.train_queries" if self.task == "classification" else "data.queries"
+            key = "data.train_queries" if self.problem == "classification" else "data.queries"
             raise MetarunError("the meta-loss of gradient-based algorithms is a query loss, but the training tasks "
                                f"have no queries: set {key} to at least 1")
         params = dict(self.model.named_parameters())
@@ -137,7 +137,7 @@ class GradientBased(MetaAlgorithm):
         return losses.mean(), {"loss": losses.detach().mean(), self.metric: metrics.mean()}
 
     def evaluate(self, episode: Episode, steps: int) -> torch.Tensor:
-        vmapped = self.uses_vmap(episode.support_x.device)
+        vmapped = self.path(episode.support_x.device) == "vmap"
         params = {k: p.detach() if vmapped else p.detach().requires_grad_() for k, p in self.model.named_parameters()}
         # torch.func.grad computes gradients even under no_grad, and no graph is kept for the outer level;
         # the loop's torch.autograd.grad needs grad mode (meta_test runs under no_grad).

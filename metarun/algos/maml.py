@@ -8,7 +8,7 @@ constants (``first_order=True``, the paper's FOMAML). The engine is ``metarun.al
 
 Example::
 
-    algo = MAML(Conv4(out_features=5), task="classification", inner_lr=0.4, inner_steps=1)
+    algo = MAML(Conv4(out_features=5), problem="classification", inner_lr=0.4, inner_steps=1)
     loss, metrics = algo.meta_loss(episode)
     loss.backward()
 """

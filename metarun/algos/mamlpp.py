@@ -53,7 +53,7 @@ where metarun differs:
 
 Example::
 
-    algo = MAMLpp(Conv4(out_features=5), task="classification", inner_lr=0.1, inner_steps=5,
+    algo = MAMLpp(Conv4(out_features=5), problem="classification", inner_lr=0.1, inner_steps=5,
                   msl_iterations=5000)
     loss, metrics = algo.meta_loss(episode, iteration)   # the iteration drives MSL and DA
     loss.backward()                                      # reaches the network, rates and BN copies
@@ -90,13 +90,13 @@ def _key(name: str) -> str:
 
 
 class MAMLpp(GradientBased):
-    def __init__(self, model: nn.Module, task: str, inner_lr: float = 0.1, inner_steps: int = 5,
+    def __init__(self, model: nn.Module, problem: str, inner_lr: float = 0.1, inner_steps: int = 5,
                  eval_inner_steps: int = 5, lslr: bool = True, msl: bool = True, msl_iterations: int = 5000,
                  per_step_bn: bool = True, first_order_iterations: int = 0, **engine):
-        super().__init__(model, task, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
+        super().__init__(model, problem, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
                          **engine)
         if msl_iterations < 0 or first_order_iterations < 0:
-            raise ValueError(f"algo.msl_iterations and algo.first_order_iterations must be at least 0 "
+            raise ValueError(f"msl_iterations and first_order_iterations must be at least 0 "
                              f"(got {msl_iterations}, {first_order_iterations})")
         self.lslr, self.msl, self.per_step_bn = lslr, msl, per_step_bn
         self.msl_iterations, self.first_order_iterations = msl_iterations, first_order_iterations
@@ -105,8 +105,8 @@ class MAMLpp(GradientBased):
                            if isinstance(module, (BatchStatNorm, nn.modules.batchnorm._BatchNorm))
                            for p, _ in module.named_parameters(recurse=False)]
         if per_step_bn and not self.norm_names:
-            raise ValueError(f"algo.per_step_bn=true needs a network with batch norm; {type(model).__name__} has "
-                             f"none: set algo.per_step_bn=false")
+            raise ValueError(f"per_step_bn=True needs a network with batch norm; {type(model).__name__} has "
+                             f"none: use per_step_bn=False")
         # Copies 1..inner_steps of every batch-norm weight and bias; copy 0 is the network's own.
         self.step_norms = nn.ParameterDict({
             _key(n): nn.Parameter(params[n].detach().expand(self.inner_steps, *params[n].shape).clone())

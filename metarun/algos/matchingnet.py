@@ -25,7 +25,7 @@ norm follows ``algo.transductive`` (see ``metarun.algos.metric``).
 
 Example::
 
-    algo = MatchingNet(Conv4(out_features=None, variant="maxpool"), task="classification", fce=True)
+    algo = MatchingNet(Conv4(out_features=None, variant="maxpool"), problem="classification", fce=True)
     loss, metrics = algo.meta_loss(episode)
     loss.backward()
 """
@@ -50,19 +50,17 @@ class VmapLSTMCell(nn.LSTMCell):
 
 
 class MatchingNet(MetricBased):
-    config_name = "matchingnet"
-
-    def __init__(self, model: nn.Module, task: str, fce: bool = False, fce_steps: int = 5, batching: str = "auto",
+    def __init__(self, model: nn.Module, problem: str, fce: bool = False, fce_steps: int = 5, batching: str = "auto",
                  transductive: bool = True):
-        super().__init__(model, task, batching=batching, transductive=transductive)
+        super().__init__(model, problem, batching=batching, transductive=transductive)
         self.fce = fce
         self.fce_steps = fce_steps
         if fce:
             if fce_steps < 1:
-                raise ValueError(f"algo.fce_steps must be at least 1 with algo.fce=true, got {fce_steps}")
+                raise ValueError(f"fce_steps must be at least 1 with fce=True, got {fce_steps}")
             dim = getattr(model, "out_dim", None)
             if dim is None:
-                raise ValueError(f"algo.fce=true sizes its LSTMs from the network's out_dim, which "
+                raise ValueError(f"fce=True sizes its LSTMs from the network's out_dim, which "
                                  f"{type(model).__name__} does not have")
             self.support_forward = VmapLSTMCell(dim, dim)
             self.support_backward = VmapLSTMCell(dim, dim)

@@ -8,7 +8,7 @@ The ``eval_inner_steps`` steps at meta-test reuse the learned rates.
 
 Example::
 
-    algo = MetaSGD(MLP(), task="regression", inner_steps=1)
+    algo = MetaSGD(MLP(), problem="regression", inner_steps=1)
 """
 
 import torch
@@ -18,11 +18,11 @@ from metarun.algos.gradient import GradientBased
 
 
 class MetaSGD(GradientBased):
-    def __init__(self, model: nn.Module, task: str, lr_init: tuple[float, float] = (0.005, 0.1), **engine):
-        super().__init__(model, task, inner_lr=0.0, **engine)
+    def __init__(self, model: nn.Module, problem: str, lr_init: tuple[float, float] = (0.005, 0.1), **engine):
+        super().__init__(model, problem, inner_lr=0.0, **engine)
         low, high = lr_init
         if not 0 <= low <= high:
-            raise ValueError(f"algo.lr_init must be [low, high] with 0 <= low <= high, got {list(lr_init)}")
+            raise ValueError(f"lr_init must be [low, high] with 0 <= low <= high, got {list(lr_init)}")
         # Parameter names hold dots, which module names may not: the rates are keyed by position.
         self.lrs = nn.ParameterList(nn.Parameter(torch.empty_like(p).uniform_(low, high)) for p in model.parameters())
         self._index = {n: i for i, (n, _) in enumerate(model.named_parameters())}

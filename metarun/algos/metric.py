@@ -3,7 +3,7 @@
 A metric-based algorithm does not adapt: it embeds a task's support and query images with one
 headless network and classifies each query by a differentiable comparison with the labelled
 support embeddings. A subclass defines that comparison (``task_log_probs``); this module owns the
-rest: the checks on the task and network, the embedding under the batch-norm protocol, the
+rest: the checks on the problem type and network, the embedding under the batch-norm protocol, the
 cross-entropy on the queries, and running a batch of tasks one after another (``loop``) or all
 at once with ``torch.func.vmap`` (``vmap``; ``auto`` times both and keeps the faster, as in
 ``metarun.algos.base``).
@@ -24,23 +24,25 @@ protocol above.
 import torch
 from torch import nn
 
-from metarun.algos.base import MetaAlgorithm, task_metric
+from metarun.algos.base import MetaAlgorithm, problem_metric
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
 
 
 class MetricBased(MetaAlgorithm):
     eval_inner_steps = 0  # nothing adapts: evaluate reports the query accuracy as embedded
-    config_name = ""  # the algo=<name> that selects the subclass, for error messages
+    problems = ("classification",)  # queries are classified by their labelled support examples
+    embeds = True  # the network is a headless embedding
 
-    def __init__(self, model: nn.Module, task: str, batching: str = "auto", transductive: bool = True):
-        if task != "classification":
-            raise MetarunError(f"algo={self.config_name} classifies queries by their labelled support images: "
-                               f"it needs classification data (data=omniglot), not {task} tasks")
+    def __init__(self, model: nn.Module, problem: str, batching: str = "auto", transductive: bool = True):
+        name = type(self).__name__
+        if problem not in self.problems:
+            raise ValueError(f"{name} classifies queries by their labelled support examples: problem must be "
+                             f"'classification', got {problem!r}")
         if isinstance(getattr(model, "head", None), nn.Linear):
-            raise MetarunError(f"algo={self.config_name} needs a headless embedding network, but the model ends in a "
-                               f"linear head: use model=conv4_embedding (or an experiment config)")
-        super().__init__(model, task, transductive, batching)
+            raise ValueError(f"{name} needs a headless embedding network as model (such as Conv4(out_features=None)), "
+                             f"but {type(model).__name__} ends in a linear head")
+        super().__init__(model, problem, transductive, batching)
 
     # -- one task, no task dimension --------------------------------------------------------------
     def embed(self, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,13 +61,13 @@ class MetricBased(MetaAlgorithm):
         support_z, query_z = self.embed(support_x, query_x)
         log_probs = self.task_log_probs(support_z, support_y, query_z, ways)
         loss = nn.functional.nll_loss(log_probs, query_y)
-        return loss, task_metric(log_probs, query_y, self.task).detach()
+        return loss, problem_metric(log_probs, query_y, self.problem).detach()
 
     # -- a batch of tasks -------------------------------------------------------------------------
     def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and accuracy of every task: two tensors of shape (T,)."""
         if episode.query_x.shape[1] == 0:
-            raise MetarunError(f"algo={self.config_name} learns from query images: "
+            raise MetarunError(f"{type(self).__name__} learns from query images, but the training tasks have none: "
                                f"set data.train_queries to at least 1")
         # ways is the episode's own (training tasks may have more ways than test tasks). Nothing
         # inside differentiates, so the task's code is the same on both paths (functional unused).
@@ -79,7 +81,6 @@ class MetricBased(MetaAlgorithm):
     def evaluate(self, episode: Episode, steps: int = 0) -> torch.Tensor:
         """Query accuracy of each task, shape (T, 1): there are no adaptation steps to report."""
         if steps != 0:
-            raise ValueError(f"algo={self.config_name} does not adapt: evaluate with steps=0 "
-                             f"(algo.eval_inner_steps does not apply), got {steps}")
+            raise ValueError(f"{type(self).__name__} does not adapt: steps must be 0, got {steps}")
         with torch.no_grad():
             return self._over_tasks(episode)[1][:, None]

@@ -22,7 +22,7 @@ meta-test normalises with batch statistics, since metarun's batch norm keeps no 
 
 Example::
 
-    algo = ProtoNet(Conv4(out_features=None, variant="maxpool"), task="classification")
+    algo = ProtoNet(Conv4(out_features=None, variant="maxpool"), problem="classification")
     loss, metrics = algo.meta_loss(episode)
     loss.backward()
 """
@@ -43,15 +43,13 @@ def class_means(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> 
 
 
 class ProtoNet(MetricBased):
-    config_name = "protonet"
-
-    def __init__(self, model: nn.Module, task: str, distance: str = "euclidean", cosine_scale: float = 1.0,
+    def __init__(self, model: nn.Module, problem: str, distance: str = "euclidean", cosine_scale: float = 1.0,
                  batching: str = "auto", transductive: bool = True):
-        super().__init__(model, task, batching=batching, transductive=transductive)
+        super().__init__(model, problem, batching=batching, transductive=transductive)
         if distance not in DISTANCES:
-            raise ValueError(f"algo.distance must be one of {DISTANCES}, got {distance!r}")
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if cosine_scale <= 0:
-            raise ValueError(f"algo.cosine_scale must be positive, got {cosine_scale}")
+            raise ValueError(f"cosine_scale must be positive, got {cosine_scale}")
         self.distance = distance
         self.cosine_scale = cosine_scale
 

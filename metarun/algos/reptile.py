@@ -40,7 +40,7 @@ lr 1e-3 (5e-4 for 20-way), 5 inner iterations of 10 examples at meta-training (o
 
 Example::
 
-    algo = Reptile(Conv4(out_features=5), task="classification", inner_optimizer="adam", inner_lr=1e-3,
+    algo = Reptile(Conv4(out_features=5), problem="classification", inner_optimizer="adam", inner_lr=1e-3,
                    inner_betas=(0.0, 0.999), inner_iterations=5, inner_batch_size=10)
     loss, metrics = algo.meta_loss(episode)        # episode with 10 shots per class
     loss.backward()
@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
-from metarun.algos.base import MetaAlgorithm, task_loss, task_metric
+from metarun.algos.base import MetaAlgorithm, problem_loss, problem_metric
 from metarun.data.episode import Episode
 
 Params = dict[str, torch.Tensor]
@@ -88,7 +88,7 @@ class Reptile(MetaAlgorithm):
     def __init__(
         self,
         model: nn.Module,
-        task: str,
+        problem: str,
         inner_optimizer: str = "adam",
         inner_lr: float = 1e-3,
         inner_betas: tuple[float, float] = (0.0, 0.999),
@@ -99,18 +99,18 @@ class Reptile(MetaAlgorithm):
         batching: str = "auto",
         transductive: bool = True,
     ):
-        super().__init__(model, task, transductive, batching)
+        super().__init__(model, problem, transductive, batching)
         if inner_optimizer not in INNER_OPTIMIZERS:
-            raise ValueError(f"algo.inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+            raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         if not inner_lr > 0:
-            raise ValueError(f"algo.inner_lr must be positive, got {inner_lr}")
+            raise ValueError(f"inner_lr must be positive, got {inner_lr}")
         betas = tuple(float(b) for b in inner_betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"algo.inner_betas must be two numbers in [0, 1), got {list(inner_betas)}")
+            raise ValueError(f"inner_betas must be two numbers in [0, 1), got {list(inner_betas)}")
         if min(inner_iterations, inner_batch_size, eval_inner_batch_size) < 1 or eval_inner_steps < 0:
             raise ValueError(
-                f"algo.inner_iterations, algo.inner_batch_size and algo.eval_inner_batch_size must be at least 1 and "
-                f"algo.eval_inner_steps at least 0 (got {inner_iterations}, {inner_batch_size}, "
+                f"inner_iterations, inner_batch_size and eval_inner_batch_size must be at least 1 and "
+                f"eval_inner_steps at least 0 (got {inner_iterations}, {inner_batch_size}, "
                 f"{eval_inner_batch_size}, {eval_inner_steps})"
             )
         self.inner_optimizer = inner_optimizer
@@ -130,7 +130,7 @@ class Reptile(MetaAlgorithm):
 
         def loss_fn(p):
             out = self._forward(p, x)
-            return task_loss(out, y, self.task), out
+            return problem_loss(out, y, self.problem), out
 
         if functional:
             grads, (loss, out) = grad_and_value(loss_fn, has_aux=True)(params)
@@ -172,11 +172,11 @@ class Reptile(MetaAlgorithm):
             x, y = sx[order[step]], sy[order[step]]
             grads, loss, out = self._gradients(params, x, y, functional)
             params, state = self._update(params, grads, state, step + 1)
-            yield params, (loss, task_metric(out, y, self.task))
+            yield params, (loss, problem_metric(out, y, self.problem))
 
     def _query_loss_metric(self, params: Params, sx, qx, qy):
         out = self.query_outputs(lambda x: self._forward(params, x), sx, qx)
-        return task_loss(out, qy, self.task), task_metric(out, qy, self.task)
+        return problem_loss(out, qy, self.problem), problem_metric(out, qy, self.problem)
 
     def _task_train(self, theta: Params, sx, sy, qx, qy, order, functional: bool):
         """φ for one task, and the loss and metric reported for it."""

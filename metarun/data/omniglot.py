@@ -75,24 +75,25 @@ class OmniglotTasks(TaskSource):
     the decoded tensors are cached in ``cache_dir`` (None: next to the archives, or the user cache if
     that is read-only)."""
 
-    task = "classification"
+    problem = "classification"
 
     def __init__(self, ways: int, shots: int, queries: int, split: str, root: str, cache_dir: str | None = None,
                  url: str = OFFICIAL_URL, download: bool = True, channels: int = 1, image_size: int = 28,
                  train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None):
+        # Argument errors name the arguments (metarun.utils.runtime.build says them as data.* keys);
+        # what the archives cannot give (more classes or images than they hold) is a DataError.
         if split not in SPLIT_NAMES:
-            raise DataError(f"unknown Omniglot split '{split}': set data.split to one of {', '.join(SPLIT_NAMES)}")
+            raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         # One class is no classification task (every answer is right): ways start at 2, as in metarun.validation.
         if ways < 2 or min(shots, queries) < 1:
-            raise DataError(f"data.ways must be at least 2 and data.shots and data.queries at least 1 "
-                            f"(got {ways}, {shots}, {queries})")
+            raise ValueError(f"ways must be at least 2 and shots and queries at least 1 (got {ways}, {shots}, {queries})")
         train = (ways if train_ways is None else train_ways, shots if train_shots is None else train_shots,
                  queries if train_queries is None else train_queries)
         if train[0] < 2 or train[1] < 1 or train[2] < 0:
-            raise DataError(f"data.train_ways must be at least 2, data.train_shots at least 1 and data.train_queries "
-                            f"at least 0 (got {train[0]}, {train[1]}, {train[2]})")
+            raise ValueError(f"train_ways must be at least 2, train_shots at least 1 and train_queries at least 0 "
+                             f"(got {train[0]}, {train[1]}, {train[2]})")
         if image_size != 28 or channels != 1:
-            raise DataError("Omniglot is decoded to 1x28x28: leave data.channels=1 and data.image_size=28")
+            raise ValueError("Omniglot is decoded to 1x28x28: channels must be 1 and image_size 28")
         data = load_omniglot(Path(root).expanduser(), cache_dir=cache_dir, url=url, download=download)
         per_class = data.images.shape[1]
         settings = {"train": train, "val": (ways, shots, queries), "test": (ways, shots, queries)}

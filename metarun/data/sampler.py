@@ -8,7 +8,7 @@ import torch
 from metarun.data.episode import Episode
 
 
-def class_ids(characters: torch.Tensor, turns: torch.Tensor | None) -> torch.Tensor:
+def encode_classes(characters: torch.Tensor, turns: torch.Tensor | None) -> torch.Tensor:
     """One id per class: the character index, or 4 * character + turns where rotations are classes."""
     return characters if turns is None else 4 * characters + turns
 
@@ -32,7 +32,8 @@ class ClassTaskSampler:
 
     @property
     def class_ids(self) -> torch.Tensor:
-        return class_ids(self.classes, self.turns)
+        """The id of every class this sampler draws from (``encode_classes``)."""
+        return encode_classes(self.classes, self.turns)
 
     def draw(self, num_tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         n, k = self.ways, self.shots + self.queries
@@ -64,5 +65,5 @@ class ClassTaskSampler:
             ways=n,
             shots=s,
             queries=self.queries,
-            classes=class_ids(classes, None if self.turns is None else turns),
+            classes=encode_classes(classes, None if self.turns is None else turns),
         )

@@ -11,7 +11,7 @@ from metarun.data.tasks import TaskSource
 
 
 class SinusoidTasks(TaskSource):
-    task = "regression"
+    problem = "regression"
 
     def __init__(self, shots: int, queries: int, amplitude: tuple[float, float] = (0.1, 5.0),
                  phase: tuple[float, float] = (0.0, torch.pi), x_range: tuple[float, float] = (-5.0, 5.0)):

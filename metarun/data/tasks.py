@@ -32,7 +32,7 @@ def task_generator(purpose: str, seed: int) -> torch.Generator:
 class TaskSource:
     """Base class of the data sources built from ``data`` configs."""
 
-    task: str  # "classification" or "regression"
+    problem: str  # "classification" or "regression" (metarun.algos.base.PROBLEMS)
     device = torch.device("cpu")
 
     def draw(self, split: str, num_tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:

@@ -6,8 +6,10 @@ Two variants, both 4 x [3x3 conv, batch norm, ReLU]:
 - ``maxpool``: the Vinyals/Snell/MAML-miniImageNet network: stride-1 convolutions, each block
   followed by 2x2 max-pooling, features flattened.
 
-``flatten=True`` flattens the strided network's final 2x2 map instead of averaging it (Nichol et
-al.'s Reptile network: 256 features on Omniglot).
+``final_map`` says how the last feature map becomes the feature vector: ``"mean"`` averages it,
+``"flatten"`` flattens it, ``None`` takes the variant's published choice (``stride``: mean, as MAML's
+reference code; ``maxpool``: flatten). The strided network with ``final_map="flatten"`` is Nichol et
+al.'s Reptile network (256 features on Omniglot).
 
 ``out_features=None`` leaves out the linear head: the network is then the embedding of the
 metric-based algorithms (ProtoNets, Matching Networks), 64-d on 28x28 Omniglot with max-pooling.
@@ -19,6 +21,8 @@ from torch import nn
 from metarun.models.batchnorm import BatchStatNorm
 
 VARIANTS = ("stride", "maxpool")
+FINAL_MAPS = ("mean", "flatten")
+PUBLISHED_FINAL_MAP = {"stride": "mean", "maxpool": "flatten"}
 
 
 class Conv4(nn.Module):
@@ -29,13 +33,15 @@ class Conv4(nn.Module):
         hidden: int = 64,
         variant: str = "stride",
         image_size: int = 28,
-        flatten: bool = False,
+        final_map: str | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(f"model.variant must be one of {VARIANTS}, got {variant!r}")
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if final_map is not None and final_map not in FINAL_MAPS:
+            raise ValueError(f"final_map must be one of {FINAL_MAPS} or None (the variant's own), got {final_map!r}")
         self.variant = variant
-        self.flatten = flatten or variant == "maxpool"
+        self.final_map = final_map if final_map is not None else PUBLISHED_FINAL_MAP[variant]
         stride = 2 if variant == "stride" else 1
         blocks = []
         for i in range(4):
@@ -55,8 +61,7 @@ class Conv4(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)
-        # MAML's reference code averages the 2x2 map of the strided network; the pooled one flattens.
-        return h.flatten(1) if self.flatten else h.mean(dim=(2, 3))
+        return h.flatten(1) if self.final_map == "flatten" else h.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self._embed(x))

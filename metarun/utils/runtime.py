@@ -1,8 +1,10 @@
 """Device choice, seeding and object construction from ``_target_`` configs."""
 
+import re
+
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
@@ -40,9 +42,38 @@ def _targets(node) -> list:
     return []
 
 
+_YAML = {"True": "true", "False": "false", "None": "null"}
+
+
+def in_config_keys(message: str, cfg: DictConfig) -> str:
+    """A library's message about its own arguments, in the keys of the config that passed them.
+
+    metarun's classes raise ``ValueError``/``TypeError`` naming their constructor arguments
+    (``inner_lr must be positive``); the user set them as ``<group>.<key>`` (``algo.inner_lr``), in
+    YAML's spelling (``algo.fce=true``). Only the keys of ``cfg`` are translated, and only where
+    ``cfg`` sits in a group of the composed config."""
+    group, keys = cfg._key(), [k for k in cfg.keys() if isinstance(k, str) and not k.startswith("_")]
+    if not isinstance(group, str) or not keys:
+        return message
+    names = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
+
+    def key(found: re.Match) -> str:
+        value = found.group(2)
+        return f"{group}.{found.group(1)}" + (f"={_YAML[value]}" if value else "")
+
+    return re.sub(rf"(?<![\w.])({names})\b(?:=(True|False|None)\b)?", key, message)
+
+
+def target_class(cfg: DictConfig) -> type:
+    """The class a config's ``_target_`` names, checked against the allow-list, without building it."""
+    check_target(cfg.get("_target_"), "the config")
+    return get_class(cfg._target_)
+
+
 def build(cfg: DictConfig, **kwargs):
     """The one place that turns a ``_target_`` config into an object, and only into metarun's own
-    classes (the allow-list of ``utils/targets.py``): a config read from disk is data, never code."""
+    classes (the allow-list of ``utils/targets.py``): a config read from disk is data, never code.
+    A constructor's complaint about its arguments reaches the user in the config's keys."""
     for target in _targets(OmegaConf.to_container(cfg, resolve=False)):
         check_target(target, "the config")
     try:
@@ -52,4 +83,7 @@ def build(cfg: DictConfig, **kwargs):
         if isinstance(cause, MetarunError):
             raise cause from None
         message = str(cause if cause is not None else e).strip().splitlines()
-        raise MetarunError(f"could not build {cfg.get('_target_')}: {message[-1] if message else e}") from None
+        reason = message[-1] if message else str(e)
+        if isinstance(cause, (ValueError, TypeError)):
+            reason = in_config_keys(reason, cfg)
+        raise MetarunError(f"could not build {cfg.get('_target_')}: {reason}") from None

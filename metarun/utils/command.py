@@ -1,4 +1,7 @@
-"""The wrapper around every task: own the run directory, honour signals, turn faults into one line."""
+"""The wrapper around every command (train, eval): own the run directory, honour signals, turn faults into one line.
+
+Not Hydra's ``run_job``: that one calls the command's ``main``, which calls ``run_command``.
+"""
 
 import logging
 import traceback
@@ -19,8 +22,8 @@ def _single_run() -> bool:
     return not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN
 
 
-def run_task(fn, cfg, run_dir: Path, task: str):
-    """Run ``fn(cfg, run_dir)`` holding ``run_dir`` for ``task``, with SIGINT/SIGTERM as stop requests.
+def run_command(fn, cfg, run_dir: Path, command: str):
+    """Run ``fn(cfg, run_dir)`` holding ``run_dir`` for ``command``, with SIGINT/SIGTERM as stop requests.
 
     A machine fault (full disk, file-size limit, out of memory) becomes a one-line MetarunError; a
     failure is written to the job's log (not when the directory was refused: it is another run's).
@@ -29,14 +32,14 @@ def run_task(fn, cfg, run_dir: Path, task: str):
     fails before writing a checkpoint removes the folders it created.
     """
     try:
-        with stop.handle_signals(), owned(run_dir, task):
-            open(Path(run_dir) / f"{task}.log", "a").close()  # an unwritable log is one line now, not a logging traceback
+        with stop.handle_signals(), owned(run_dir, command):
+            open(Path(run_dir) / f"{command}.log", "a").close()  # an unwritable log is one line now, not a logging traceback
             try:
                 return fn(cfg, run_dir)
             except BaseException as e:
-                _log_failure(Path(run_dir) / f"{task}.log", _reported(e, run_dir))
+                _log_failure(Path(run_dir) / f"{command}.log", _reported(e, run_dir))
                 last = Path(run_dir) / "checkpoints" / "last.pt"
-                if isinstance(e, stop.StopRequested) and task == "train" and last.is_file() and not e.args:
+                if isinstance(e, stop.StopRequested) and command == "train" and last.is_file() and not e.args:
                     log.warning(f"stopped before training resumed; resume with: metarun train hydra.run.dir={run_dir}")
                 raise
     except BaseException as e:

@@ -71,6 +71,13 @@ def check_algorithm_fits(cfg: DictConfig) -> None:
     if problem not in algo_class.problems:
         raise MetarunError(f"{name} classifies queries by their labelled support images: it needs "
                            f"{' or '.join(algo_class.problems)} data (data=omniglot), not {problem} tasks")
+    queries = cfg.data.get("train_queries")
+    queries = cfg.data.get("queries") if queries is None else queries
+    if algo_class.learns_from_queries and queries == 0:
+        # Only classification data has separate training tasks (data.train_queries); regression has data.queries.
+        key = "data.train_queries" if "train_queries" in cfg.data else "data.queries"
+        raise MetarunError(f"{name} learns from the query examples of its training tasks, but they have none: "
+                           f"set {key} to at least 1")
     if algo_class.embeds and cfg.model.get("out_features") is not None:
         raise MetarunError(f"{name} needs a headless embedding network, but the model ends in a linear head: "
                            f"use model=conv4_embedding (or an experiment config)")

@@ -164,9 +164,14 @@ def test_settings_that_cannot_train_are_one_line_errors(shared_data_root, omnigl
     where = omniglot_location(shared_data_root, omniglot_cache_dir)
     with pytest.raises(MetarunError, match="data.train_ways=10 differs from data.ways=5"):
         build_experiment(compose_config(["algo=maml", "data.train_ways=10", *where]))
-    _, data, algo = build_experiment(compose_config(["algo=maml", "model.hidden=8", "data.train_queries=0", *where]))
-    with pytest.raises(MetarunError, match="set data.train_queries to at least 1"):
-        algo.meta_loss(data.sample("train", 1, torch.Generator().manual_seed(0)))
+    with pytest.raises(MetarunError, match="set data.train_queries to at least 1"):  # before any data is read
+        build_experiment(compose_config(["algo=maml", "model.hidden=8", "data.train_queries=0", *where]))
+    # The library says it in its own terms: an episode without queries.
+    _, data, algo = build_experiment(compose_config(["algo=maml", "model.hidden=8", *where]))
+    episode = data.sample("train", 1, torch.Generator().manual_seed(0))
+    episode.query_x, episode.query_y = episode.query_x[:, :0], episode.query_y[:, :0]
+    with pytest.raises(ValueError, match="the episode's tasks have no queries"):
+        algo.meta_loss(episode)
 
 
 def test_reptile_warns_when_the_meta_optimiser_is_not_its_outer_step(caplog):

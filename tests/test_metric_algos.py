@@ -16,7 +16,7 @@ from metarun.algos.matchingnet import MatchingNet, VmapLSTMCell
 from metarun.algos.protonet import ProtoNet
 from metarun.data.episode import Episode
 from metarun.errors import MetarunError
-from metarun.experiment import build_experiment
+from metarun.experiment import build_experiment, check_algorithm_fits
 from metarun.models import Conv4
 from metarun.train import train
 from metarun.utils.runtime import build
@@ -218,8 +218,10 @@ def test_bad_settings_are_clear_errors():
         MatchingNet(Flatten(), "classification", fce=True, fce_steps=0)
     episode = image_episode()
     episode.query_x, episode.query_y = episode.query_x[:, :0], episode.query_y[:, :0]
-    with pytest.raises(MetarunError, match="data.train_queries"):
+    with pytest.raises(ValueError, match="the episode's tasks have none"):
         make("protonet", embedding_net()).meta_loss(episode)
+    with pytest.raises(MetarunError, match="set data.train_queries to at least 1"):  # the config's words
+        check_algorithm_fits(compose_config(["algo=protonet", "model=conv4_embedding", "data.train_queries=0"]))
 
 
 def test_bad_settings_reach_the_user_as_config_keys():

@@ -137,7 +137,7 @@ def test_the_hydra_record_of_a_checkpoint_is_never_written_back(tmp_path, finish
         state["hydra"] = {"../../x.yaml": "pwned", "config.yaml": "pwned"}
 
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / ".metarun").write_text('{"task": "train"}')
+    (run_dir / ".metarun").write_text('{"command": "train"}')
     path = crafted(tmp_path, finished_run / "checkpoints" / "last.pt", attack)
     (run_dir / "checkpoints" / "last.pt").write_bytes(open(path, "rb").read())
     (run_dir / "checkpoints" / "best.pt").write_bytes((finished_run / "checkpoints" / "best.pt").read_bytes())
@@ -372,7 +372,7 @@ def test_an_unwritable_run_location_is_one_line(tmp_path, blocker):
     run_dir = tmp_path / "run"
     if blocker == "log_is_a_folder":
         (run_dir / "train.log").mkdir(parents=True)
-        (run_dir / ".metarun").write_text('{"task": "train"}')
+        (run_dir / ".metarun").write_text('{"command": "train"}')
         words = "it is a folder, not a file"
     else:
         run_dir.write_text("a file where the run directory should be")

@@ -72,6 +72,7 @@ class MetaAlgorithm(nn.Module):
     eval_inner_steps = 0  # adaptation steps at meta-validation and meta-test
     problems = PROBLEMS  # the problem types it learns
     embeds = False  # True: the network must be a headless embedding (no linear head)
+    learns_from_queries = True  # False: the meta-loss needs no query set in the training tasks (Reptile)
 
     def __init__(self, model: nn.Module, problem: str, transductive: bool = True, batching: str = "auto"):
         super().__init__()

@@ -26,7 +26,6 @@ from torch.func import functional_call, grad
 
 from metarun.algos.base import MetaAlgorithm, problem_loss, problem_metric
 from metarun.data.episode import Episode
-from metarun.errors import MetarunError
 
 Params = dict[str, torch.Tensor]
 
@@ -125,10 +124,8 @@ class GradientBased(MetaAlgorithm):
     # -- a batch of tasks -------------------------------------------------------------------------
     def meta_loss(self, episode: Episode, iteration: int = 0):
         if episode.query_x.shape[1] == 0:
-            # Only classification data has separate training tasks (data.train_queries); regression has data.queries.
-            key = "data.train_queries" if self.problem == "classification" else "data.queries"
-            raise MetarunError("the meta-loss of gradient-based algorithms is a query loss, but the training tasks "
-                               f"have no queries: set {key} to at least 1")
+            raise ValueError("the meta-loss of gradient-based algorithms is a query loss, but the episode's tasks "
+                             "have no queries")
         params = dict(self.model.named_parameters())
         weights, first_order = self.step_loss_weights(iteration), self.first_order_at(iteration)
         losses, metrics = self.over_tasks(

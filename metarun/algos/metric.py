@@ -26,7 +26,6 @@ from torch import nn
 
 from metarun.algos.base import MetaAlgorithm, problem_metric
 from metarun.data.episode import Episode
-from metarun.errors import MetarunError
 
 
 class MetricBased(MetaAlgorithm):
@@ -67,8 +66,7 @@ class MetricBased(MetaAlgorithm):
     def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and accuracy of every task: two tensors of shape (T,)."""
         if episode.query_x.shape[1] == 0:
-            raise MetarunError(f"{type(self).__name__} learns from query images, but the training tasks have none: "
-                               f"set data.train_queries to at least 1")
+            raise ValueError(f"{type(self).__name__} learns from query images, but the episode's tasks have none")
         # ways is the episode's own (training tasks may have more ways than test tasks). Nothing
         # inside differentiates, so the task's code is the same on both paths (functional unused).
         return self.over_tasks(lambda *task, functional: self._task(*task, episode.ways),

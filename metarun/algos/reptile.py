@@ -85,6 +85,8 @@ def task_generators(episode: Episode) -> list[torch.Generator]:
 
 
 class Reptile(MetaAlgorithm):
+    learns_from_queries = False  # its outer step follows the adapted weights; queries only score the tasks
+
     def __init__(
         self,
         model: nn.Module,

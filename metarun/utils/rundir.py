@@ -1,12 +1,12 @@
-"""A run directory is owned: one run at a time, by the task that made it, and nothing stray is left.
+"""A run directory is owned: one run at a time, by the command that made it, and nothing stray is left.
 
-- ``.metarun`` marks a directory as a metarun run directory and names the task that owns it
+- ``.metarun`` marks a directory as a metarun run directory and names the command that owns it
   (``train`` or ``eval``), so ``eval`` never writes into a training run and no run overwrites a
   folder that is not a metarun run directory.
 - ``.metarun.lock`` is held (``flock``) for the life of the run; a second run on the same directory
   is refused with one line naming the holder (pid, host, start, command). The kernel releases the
   lock when the holder dies, even by SIGKILL, so a crashed run never blocks its own resume.
-- Hydra writes ``.hydra/`` and creates the directory before the task runs; metarun turns Hydra's
+- Hydra writes ``.hydra/`` and creates the directory before the command runs; metarun turns Hydra's
   own record off (``hydra.output_subdir: null``) and writes ``.hydra/`` itself once the run is
   accepted, so a refused or failed attempt changes nothing in an existing run directory.
 - ``RunDirCallback`` notes which folders a single run is about to create; a run that fails or is
@@ -80,21 +80,21 @@ def _holder(lock_path: Path) -> str:
 
 
 @contextlib.contextmanager
-def owned(run_dir: Path, task: str):
-    """Hold ``run_dir`` for ``task`` for the duration of the block, or refuse in one line."""
+def owned(run_dir: Path, command: str):
+    """Hold ``run_dir`` for ``command`` (train or eval) for the duration of the block, or refuse in one line."""
     run_dir = Path(run_dir)
     marker = _read_json(run_dir / MARKER) if (run_dir / MARKER).is_file() else None
     if marker is None:
         contents = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
-        if contents and not (task == "train" and _legacy_train_dir(run_dir)):
+        if contents and not (command == "train" and _legacy_train_dir(run_dir)):
             raise MetarunError(f"{run_dir} is not empty and is not a metarun run directory ({', '.join(sorted(contents)[:3])}"
                                f"{', ...' if len(contents) > 3 else ''}): choose a new or empty hydra.run.dir")
         if contents:
-            marker = {"task": "train"}
-    owner = (marker or {}).get("task", task)
-    if owner != task:
-        raise MetarunError(f"{run_dir} is a metarun {owner} run directory, which metarun {task} never writes into: "
-                           f"leave out hydra.run.dir (metarun {task} makes its own) or choose a new one")
+            marker = {"command": "train"}
+    owner = (marker or {}).get("command", (marker or {}).get("task", command))  # "task": the first markers' key
+    if owner != command:
+        raise MetarunError(f"{run_dir} is a metarun {owner} run directory, which metarun {command} never writes into: "
+                           f"leave out hydra.run.dir (metarun {command} makes its own) or choose a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -106,9 +106,9 @@ def owned(run_dir: Path, task: str):
             raise MetarunError(f"{run_dir} is in use by {_holder(run_dir / LOCK)}: wait for that run to end, "
                                f"or choose another hydra.run.dir") from None
         if marker is None or not (run_dir / MARKER).is_file():
-            (run_dir / MARKER).write_text(json.dumps({"task": task, "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            (run_dir / MARKER).write_text(json.dumps({"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": ["metarun", task, *sys.argv[1:]]}
+                  "command": ["metarun", command, *sys.argv[1:]]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         try:

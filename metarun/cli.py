@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv = ["metarun", *with_run_overrides(argv[1:])]  # a bare hydra.run.dir=X resumes X as it was
         with jobs.hydra_raises():  # every error reaches report(), which makes it one line
             importlib.import_module(COMMANDS[command][0]).main()
+        if jobs.record.multirun and jobs.record.failures:  # the sweep went on past its failed jobs
+            return report(jobs.record.failures[0].error, command, debug)
     except KeyboardInterrupt:
         print("metarun: interrupted", file=sys.stderr)
         return 130

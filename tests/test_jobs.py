@@ -1,5 +1,6 @@
 """Tier 1 for utils/jobs.py: failed jobs are learned from Hydra's job results, whatever runs them."""
 
+import math
 import os
 import pickle
 
@@ -36,11 +37,15 @@ def test_every_failed_job_is_recorded_and_hydra_prints_nothing_for_it(capsys):
         callback.on_job_end(config=config, job_return=ret)
     assert jobs.record.multirun and jobs.record.jobs == 3
     assert [(f.name, f.error) for f in jobs.record.failures] == [("data.shots=0", first), ("data.shots=-1", second)]
-    # What a sweeper does next: read each result; a failed one still raises its own exception and keeps its status.
+    # What a sweeper does next: read each result; a failed one is NaN (a failed trial) and keeps its
+    # status, so the sweep goes on; in a single run, reading it raises the job's own exception.
     assert results[1].return_value == 0.5
+    assert math.isnan(results[0].return_value) and math.isnan(results[2].return_value)
+    assert results[0].status == JobStatus.FAILED and isinstance(results[0], JobReturn)
+    callback.on_run_start(config=config)
     with pytest.raises(MetarunError) as raised:
         _ = results[0].return_value
-    assert raised.value is first and results[0].status == JobStatus.FAILED and isinstance(results[0], JobReturn)
+    assert raised.value is first
     assert capsys.readouterr().err == ""  # Hydra's "Error executing job with overrides" line is not printed
     assert len(jobs.record.failures) == 2  # read back, the same failure is not counted twice
 
@@ -48,12 +53,14 @@ def test_every_failed_job_is_recorded_and_hydra_prints_nothing_for_it(capsys):
 def test_a_failure_from_another_process_is_recorded_when_read():
     # A launcher like joblib or submitit runs on_job_end in the worker and sends the result back pickled.
     ret = job_return(["algo=maml"], MetarunError("out of memory"))
-    jobs.JobResults().on_job_end(config=OmegaConf.create({}), job_return=ret)
+    ret2 = job_return(["algo=fomaml"], MetarunError("disk full"))
+    for r in (ret, ret2):
+        jobs.JobResults().on_job_end(config=OmegaConf.create({}), job_return=r)
     jobs.record.reset()  # this process never saw the job end
-    back = pickle.loads(pickle.dumps(ret))
-    with pytest.raises(MetarunError, match="out of memory"):
-        _ = back.return_value
-    assert [f.name for f in jobs.record.failures] == ["algo=maml"]
+    jobs.record.multirun = True  # the sweep runs in this process, the jobs in others
+    back = [pickle.loads(pickle.dumps(ret)), pickle.loads(pickle.dumps(ret2))]
+    assert all(math.isnan(r.return_value) for r in back)  # the sweeper reads both and goes on
+    assert [f.name for f in jobs.record.failures] == ["algo=maml", "algo=fomaml"]
 
 
 def test_hydra_raises_only_for_the_call_and_jobs_see_the_users_environment(monkeypatch):

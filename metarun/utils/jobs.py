@@ -70,14 +70,18 @@ record = _Record()
 
 
 class QuietJobReturn(JobReturn):
-    """A failed job's result as Hydra keeps it (status FAILED; reading the result raises the job's
-    exception), without Hydra's printed line: metarun reports the job. It travels with the result,
-    so a launcher that ran the job in another process still hands the failure to this one."""
+    """A failed job's result as Hydra keeps it (status FAILED), without Hydra's printed line: metarun
+    reports the job. It travels with the result, so a launcher that ran the job in another process
+    still hands the failure to this one. Read in a single run, it raises the job's exception; read by
+    a sweeper, it is NaN (a failed trial, to Optuna), so the sweeper reads every result and goes on
+    instead of stopping at the first failure, and the CLI reports each failed job when it ends."""
 
     @property
     def return_value(self):
         if self.status == JobStatus.FAILED:
-            record.add(self.overrides, self._return_value)  # the first failure, where on_job_end ran elsewhere
+            record.add(self.overrides, self._return_value)  # also where on_job_end ran in another process
+            if record.multirun:
+                return float("nan")
             raise self._return_value
         return JobReturn.return_value.fget(self)
 

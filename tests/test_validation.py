@@ -18,6 +18,7 @@ from metarun.data.omniglot import OmniglotTasks
 from metarun.data.sinusoid import SinusoidTasks
 from metarun.data.tasks import task_generator
 from metarun.errors import DataError, MetarunError
+from metarun.experiment import check_algorithm_fits
 from metarun.models import MLP, Conv4
 from metarun.utils.display import results_table
 from metarun.utils.files import write_json
@@ -289,18 +290,28 @@ def no_query_episode(ways: int, problem: str) -> Episode:
 
 
 def test_no_query_messages_name_keys_of_the_chosen_data():
-    sinusoid = compose_config(SINUSOID)
-    with pytest.raises(MetarunError) as e:
-        MAML(MLP(1, [8], 1), problem="regression").meta_loss(no_query_episode(1, "regression"))
-    assert_keys_exist(str(e.value), sinusoid)
-    omniglot = compose_config()
-    with pytest.raises(MetarunError) as e:
-        MAML(Conv4(out_features=3, hidden=4), problem="classification").meta_loss(no_query_episode(3, "classification"))
-    assert_keys_exist(str(e.value), omniglot)
-    with pytest.raises(MetarunError) as e:
-        ProtoNet(Conv4(out_features=None, hidden=4, variant="maxpool"), problem="classification").meta_loss(
-            no_query_episode(3, "classification"))
-    assert_keys_exist(str(e.value), omniglot)
+    # The config's words come from the experiment assembly, before any data is read...
+    for cfg in (compose_config(SINUSOID), compose_config(SINUSOID + ["algo=metasgd"])):
+        OmegaConf.update(cfg, "data.queries", 0)
+        with pytest.raises(MetarunError) as e:
+            check_algorithm_fits(cfg)
+        assert_keys_exist(str(e.value), cfg)
+    for algo in (["algo=maml"], ["algo=protonet", "model=conv4_embedding"]):
+        cfg = compose_config(algo + ["data.train_queries=0"])
+        with pytest.raises(MetarunError) as e:
+            check_algorithm_fits(cfg)
+        assert_keys_exist(str(e.value), cfg)
+    # ...and the algorithms, a library, say it in their own terms: no config key at all.
+    for make, episode in [
+        (lambda: MAML(MLP(1, [8], 1), problem="regression"), no_query_episode(1, "regression")),
+        (lambda: MAML(Conv4(out_features=3, hidden=4), problem="classification"), no_query_episode(3, "classification")),
+        (lambda: ProtoNet(Conv4(out_features=None, hidden=4, variant="maxpool"), problem="classification"),
+         no_query_episode(3, "classification")),
+    ]:
+        with pytest.raises(ValueError) as e:
+            make().meta_loss(episode)
+        message = str(e.value)
+        assert not data_keys(message) and ("have no queries" in message or "have none" in message), message
 
 
 def test_validator_messages_name_keys_of_the_chosen_data():

@@ -196,7 +196,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         logger.close()
 
     results = {
-        "task": algo.problem,  # the key predates the name "problem"; metrics.json keeps it "metric": metric,
+        "task": algo.problem, "metric": metric,  # "task": the key predates the name "problem"; metrics.json keeps it
         "test": test, "val": {**(best or {}), "history": history},
         "iterations": iteration,
         "training_seconds": round(seconds, 3),  # the meta-training iterations alone, every attempt

@@ -42,6 +42,7 @@ def test_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, omniglot_overr
     assert set(test) >= {"accuracy", "ci95", "episodes", "per_step"} and test["episodes"] == 6
     assert len(test["per_step"]) == 3 and 0 <= test["accuracy"] <= 1 and test["ci95"] >= 0
     assert metrics["iterations"] == 4 and 0 < metrics["training_seconds"] < metrics["wall_clock_seconds"]
+    assert metrics["task"] == "classification" and metrics["metric"] == "accuracy"
     assert metrics["val"]["accuracy"] == best_val and [h["iteration"] for h in metrics["val"]["history"]] == [2, 4]
     assert metrics["protocol"]["split"] == "maml" and "transductive" in metrics["protocol"]["batch_norm"]
     assert metrics["protocol"]["test_episodes"] == 6 and metrics["protocol"]["eval_inner_steps"] == 2

@@ -66,7 +66,7 @@ def evil_module(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("group", ["data", "model", "algo", "optimizer", "scheduler"])
 @pytest.mark.parametrize("target", ["builtins.open", "pathlib.Path.write_text", "shutil.copyfile", "torch.save",
-                                    "evilpkg.run"])
+                                    "evilpkg.run", ["evilpkg.run"], {"evil": 1}, None])
 def test_eval_never_builds_a_class_a_checkpoint_names(tmp_path, finished_run, evil_module, group, target):
     written = tmp_path / "written-by-the-checkpoint"
 

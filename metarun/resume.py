@@ -70,12 +70,9 @@ def _parse(overrides: list[str], where: str):
 def saved_overrides(run_dir: Path) -> list[str] | None:
     """The overrides stored with ``run_dir``'s last checkpoint, checked; None where there are none."""
     last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
+    if not (last.exists() or last.is_symlink()):
         return None
-    try:
-        overrides = load_checkpoint(last).get("overrides")
-    except MetarunError:
-        return None  # the trainer reports the damaged checkpoint itself
+    overrides = load_checkpoint(last).get("overrides")  # a damaged one is reported now, not after a default config
     if overrides is None:
         return None  # written by a metarun before checkpoints kept them: the command line decides
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):

@@ -41,9 +41,14 @@ def _integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+COUNT_LIMIT = 2**31 - 1  # counts beyond it overflow tensor sizes and loops long before they mean anything
+
+
 def integer(low: int, high: int | None = None, allowed: str | None = None) -> Rule:
     text = allowed or (f"an integer >= {low}" if high is None else f"an integer from {low} to {high}")
-    return Rule(lambda v: _integer(v) and v >= low and (high is None or v <= high), text)
+    if high is None:
+        high, text = COUNT_LIMIT, f"{text} (at most {COUNT_LIMIT})"
+    return Rule(lambda v: _integer(v) and low <= v <= high, text)
 
 
 def number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False) -> Rule:

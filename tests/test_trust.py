@@ -395,3 +395,26 @@ def test_a_run_refused_on_a_directory_both_created_never_removes_the_holders_fil
         with pytest.raises(MetarunError, match="is in use by"):
             run_command(train, compose_config(TINY_SINUSOID), run_dir, "train")
         assert (run_dir / "train.log").read_text() == "the holder's log"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "folder"])
+def test_a_bare_resume_of_a_damaged_checkpoint_says_so_first(tmp_path, damage):
+    # Not a default config's unrelated error (a download, say): the damaged checkpoint, in one line.
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    if damage == "folder":
+        last.mkdir()
+    else:
+        last.write_bytes(b"garbage" if damage == "garbage" else b"")
+    with pytest.raises(MetarunError, match="unreadable|is a folder, not a file"):
+        with_run_overrides([f"hydra.run.dir={tmp_path / 'run'}"])
+
+
+def test_a_checkpoint_with_non_finite_weights_is_damaged(tmp_path, finished_run):
+    def poison(state):
+        name = next(k for k, v in state["algo"].items() if v.is_floating_point())
+        state["algo"][name] = torch.full_like(state["algo"][name], float("nan"))
+
+    with pytest.raises(MetarunError, match="non-finite"):
+        evaluate_checkpoint(tmp_path, crafted(tmp_path, finished_run / "checkpoints" / "best.pt", poison))
+    assert not (tmp_path / "eval" / "metrics.json").exists()

@@ -26,6 +26,7 @@ from torch.func import functional_call, grad
 
 from metarun.algos.base import MetaAlgorithm, problem_loss, problem_metric
 from metarun.data.episode import Episode
+from metarun.utils import stop
 
 Params = dict[str, torch.Tensor]
 
@@ -83,6 +84,7 @@ class GradientBased(MetaAlgorithm):
 
     def _step(self, adapted: Params, fixed: Params, x, y, step: int, differentiable: bool, functional: bool) -> Params:
         """One gradient step on the support loss. ``functional`` selects torch.func (needed under vmap)."""
+        stop.check()  # a long inner loop stops between its steps on SIGINT/SIGTERM (a no-op otherwise)
         if functional:
             grads = grad(self._inner_loss)(adapted, fixed, x, y, step)
             if not differentiable:

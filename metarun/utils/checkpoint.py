@@ -7,6 +7,7 @@ CUDA, the task sampler). It is read with ``weights_only=True`` and every key it 
 so a damaged, foreign or crafted file is one line of error, never a silent default or a traceback.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,10 +32,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, needs: dict = FOR_EVAL) -> dict:
     """The checkpoint at ``path``, with the keys ``needs`` names checked for presence and type."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise MetarunError(f"checkpoint {path} is a folder, not a file: pass the path of a checkpoints/best.pt or last.pt")
     if not path.is_file():
         raise MetarunError(f"checkpoint {path} does not exist: pass the path of a checkpoints/best.pt or last.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about foreign pickles: the error below says it in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MetarunError(f"checkpoint {path} is unreadable ({reason}): use another checkpoint or a new run directory") from None
@@ -52,6 +57,12 @@ def load_checkpoint(path: Path, needs: dict = FOR_EVAL) -> dict:
             got = "missing" if key not in state else f"a {type(value).__name__}"
             raise MetarunError(f"{path} is damaged or incomplete: its '{key}' is {got}, not a {kind.__name__}; "
                                f"use another checkpoint or a new run directory")
+    weights = state.get("algo")
+    if isinstance(weights, dict) and any(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                         and not torch.isfinite(t).all() for t in weights.values()):
+        # metarun never saves them (a non-finite meta-loss stops training before the step)
+        raise MetarunError(f"{path} holds non-finite (NaN or infinite) weights: it is damaged; "
+                           f"use another checkpoint or a new run directory")
     return state
 
 

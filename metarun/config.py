@@ -50,7 +50,7 @@ OmegaConf.register_new_resolver("metarun.data_root", default_data_root, replace=
 # model=conv4_embedding) starts from another option's file.
 TARGETS: dict[str, dict[str, str]] = {
     "data": {"omniglot": "metarun.data.omniglot.OmniglotTasks", "sinusoid": "metarun.data.sinusoid.SinusoidTasks"},
-    "model": {"conv4": "metarun.models.Conv4", "mlp": "metarun.models.MLP"},
+    "model": {"conv4": "metarun.models.Conv4", "mlp": "metarun.models.MLP", "resnet12": "metarun.models.ResNet12"},
     "algo": {
         "maml": "metarun.algos.maml.MAML",
         "anil": "metarun.algos.anil.ANIL",

@@ -147,6 +147,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.image_size": COUNT,
     "model.variant": one_of(*VARIANTS),
     "model.final_map": one_of(*FINAL_MAPS),
+    "model.widths": Rule(lambda v: isinstance(v, list) and len(v) > 0 and each(COUNT).ok(v),
+                         "a non-empty list of integers >= 1 (one residual block each)"),
+    "model.negative_slope": number(0, 1, high_open=True),
     # algo
     "algo.inner_lr": POSITIVE,
     "algo.inner_steps": COUNT,

@@ -2,5 +2,6 @@
 
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
+from metarun.models.resnet12 import ResNet12
 
-__all__ = ["Conv4", "MLP"]
+__all__ = ["Conv4", "MLP", "ResNet12"]

@@ -5,11 +5,13 @@ comparable, ``protocol``), so the evaluator never imports the trainer.
 """
 
 import re
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.runtime import build, resolve_device, target_class
@@ -79,8 +81,12 @@ def check_algorithm_fits(cfg: DictConfig) -> None:
         raise MetarunError(f"{name} learns from the query examples of its training tasks, but they have none: "
                            f"set {key} to at least 1")
     if algo_class.embeds and cfg.model.get("out_features") is not None:
+        # The headless variant of the chosen network where one ships (model=resnet12 -> resnet12_embedding).
+        model = group_options()["model"].get(cfg.model.get("_target_"))
+        embedding = f"{model}_embedding" if (Path(conf_dir()) / "model" / f"{model}_embedding.yaml").is_file() \
+            else "conv4_embedding"
         raise MetarunError(f"{name} needs a headless embedding network, but the model ends in a linear head: "
-                           f"use model=conv4_embedding (or an experiment config)")
+                           f"use model={embedding} (or an experiment config)")
 
 
 def flat_config(cfg: DictConfig) -> dict:

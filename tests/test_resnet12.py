@@ -314,3 +314,9 @@ def test_tiny_maml_run_on_omniglot_with_resnet12(tmp_path, shared_data_root, omn
     metrics = read_metrics(tmp_path)
     assert 0 <= metrics["test"]["accuracy"] <= 1
     assert metrics["protocol"]["batch_norm"].startswith("batch statistics")
+
+
+def test_a_metric_algorithm_on_the_headed_resnet12_names_its_embedding_option():
+    with pytest.raises(MetarunError, match="use model=resnet12_embedding") as error:
+        build_experiment(compose_config(["algo=protonet", "model=resnet12", "data.download=false"]))
+    assert "\n" not in str(error.value)

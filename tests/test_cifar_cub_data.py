@@ -1,0 +1,306 @@
+"""CIFAR-FS, FC100 and CUB: the papers' class lists, the official archives' formats, and every bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_cub_fixtures import (cifar_pickles, cub_members, jpeg, py2_pickle, write_cifar100_archive,
+                                write_cub_archive, write_metaoptnet_fc100, write_tar)
+from metarun.data import cifar, cub, official_archive
+from metarun.data.download import file_md5
+from metarun.errors import DataError
+
+
+def one_line(err) -> str:
+    message = str(err.value if hasattr(err, "value") else err)
+    assert "\n" not in message
+    return message
+
+
+def trusted(spec, path: Path):
+    """The archive spec with the md5 of the test archive at ``path`` (the official md5 is of the real file)."""
+    return dataclasses.replace(spec, md5=file_md5(path))
+
+
+# ------------------------------------------------------------------------------------------ class lists
+
+
+def test_cifar100_superclass_table_is_the_datasets():
+    assert len(cifar.CIFAR100_SUPERCLASSES) == 20
+    assert all(len(cs) == 5 for cs in cifar.CIFAR100_SUPERCLASSES.values())
+    assert len(set(cifar.FINE_LABEL_NAMES)) == 100
+    assert cifar.FINE_LABEL_NAMES[:3] == ("apple", "aquarium_fish", "baby")
+    assert cifar.COARSE_LABEL_NAMES[0] == "aquatic_mammals" and cifar.COARSE_LABEL_NAMES[-1] == "vehicles_2"
+
+
+@pytest.mark.parametrize("splits, sizes", [
+    (cifar.CIFARFS_SPLITS, (64, 16, 20)),
+    (cifar.FC100_SPLITS, (60, 20, 20)),
+    (cub.CHEN_SPLITS, (100, 50, 50)),
+    (cub.METADATASET_SPLITS, (140, 30, 30)),
+], ids=["cifarfs", "fc100", "cub-chen", "cub-metadataset"])
+def test_split_lists_are_disjoint_complete_and_of_the_papers_sizes(splits, sizes):
+    assert tuple(len(splits[s]) for s in ("train", "val", "test")) == sizes
+    everything = [c for s in ("train", "val", "test") for c in splits[s]]
+    assert len(set(everything)) == len(everything)  # disjoint, no repeats
+    universe = cifar.FINE_LABEL_NAMES if sum(sizes) == 100 else cub.CUB_CLASSES
+    assert sorted(everything) == sorted(universe)  # complete
+
+
+def test_fc100_splits_whole_superclasses_12_4_4():
+    assert [len(cifar.FC100_SUPERCLASS_SPLITS[s]) for s in ("train", "val", "test")] == [12, 4, 4]
+    assert sorted(s for v in cifar.FC100_SUPERCLASS_SPLITS.values() for s in v) == list(cifar.COARSE_LABEL_NAMES)
+    for split, supers in cifar.FC100_SUPERCLASS_SPLITS.items():
+        for s in supers:
+            assert set(cifar.CIFAR100_SUPERCLASSES[s]) <= set(cifar.FC100_SPLITS[split])
+
+
+def test_known_members_of_the_published_lists():
+    # Spot checks against the sources (Bertinetto's test.txt, TADAM's test superclasses, Chen's rule).
+    assert "pickup_truck" in cifar.CIFARFS_SPLITS["test"] and "motorcycle" in cifar.CIFARFS_SPLITS["val"]
+    assert {"aquatic_mammals", "insects", "medium_mammals", "people"} == set(cifar.FC100_SUPERCLASS_SPLITS["test"])
+    assert cub.CUB_CLASSES[0] == "001.Black_footed_Albatross" and cub.CUB_CLASSES[-1] == "200.Common_Yellowthroat"
+    assert cub.CHEN_SPLITS["train"][:2] == ("001.Black_footed_Albatross", "003.Sooty_Albatross")
+    assert cub.CHEN_SPLITS["val"][0] == "002.Laysan_Albatross" and cub.CHEN_SPLITS["test"][0] == "004.Groove_billed_Ani"
+    assert "200.Common_Yellowthroat" in cub.METADATASET_SPLITS["val"]
+
+
+# ------------------------------------------------------------------------------------------ CIFAR-100
+
+
+def test_read_cifar100_pools_train_and_test_per_class(tmp_path):
+    path = write_cifar100_archive(tmp_path / "cifar100" / "cifar-100-python.tar.gz")
+    classes = list(cifar.read_cifar100(path, trusted(cifar.CIFAR100_ARCHIVE, path)))
+    assert [name for name, _ in classes] == list(cifar.FINE_LABEL_NAMES)
+    for index, (name, images) in enumerate(classes):
+        assert images.dtype == np.uint8 and images.shape == (3, 3, 32, 32)
+        assert (images[:, 0] == index).all()  # the right class, channel-first
+        assert images[:, 1, 0, 0].tolist() == [1, 2, 101]  # train images first, then test
+        assert images[0, 2, 0].tolist() == [4 * x for x in range(32)]  # rows not scrambled
+
+
+def test_py3_made_archive_reads_too(tmp_path):
+    """A CIFAR-100 archive repacked under Python 3 (protocol 2 bytes via _codecs.encode) is read the same."""
+    py2 = cifar_pickles()
+    py3 = {}
+    for name, data in py2.items():
+        obj = pickle.loads(data, encoding="bytes")
+        py3[name] = pickle.dumps(obj, protocol=2)
+    path = write_cifar100_archive(tmp_path / "a.tar.gz", py3)
+    first = dict(cifar.read_cifar100(path, trusted(cifar.CIFAR100_ARCHIVE, path)))
+    path2 = write_cifar100_archive(tmp_path / "b.tar.gz", py2)
+    second = dict(cifar.read_cifar100(path2, trusted(cifar.CIFAR100_ARCHIVE, path2)))
+    assert all(np.array_equal(first[k], second[k]) for k in second)
+
+
+class Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("which, make, expected", [
+    ("train", lambda: pickle.dumps({"data": Boom()}, protocol=2), "posix.system"),
+    ("train", lambda: py2_pickle({"data": np.zeros((2, 3072), np.uint8)})[:-40], "truncated"),
+    ("test", lambda: py2_pickle({"data": np.zeros((2, 3072), np.float32), "fine_labels": [0, 1],
+                                 "coarse_labels": [4, 1]}), "expected uint8 (N, 3072)"),
+    ("test", lambda: py2_pickle({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1],
+                                 "coarse_labels": [0, 0]}), "wrong superclasses"),
+    ("test", lambda: py2_pickle({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 100],
+                                 "coarse_labels": [4, 1]}), "not 2 integers in 0..99"),
+    ("test", lambda: py2_pickle({"pixels": np.zeros((2, 3072), np.uint8)}), "no 'data' entry"),
+    ("meta", lambda: py2_pickle({"fine_label_names": ["a"] * 100, "coarse_label_names": ["b"] * 20}),
+     "does not name CIFAR-100's"),
+    ("meta", lambda: b"<!DOCTYPE html><html>quota exceeded</html>", "HTML page"),
+], ids=["code-running", "truncated", "dtype", "superclass", "label-range", "wrong-key", "meta-names", "html"])
+def test_bad_cifar_pickles_are_one_line_errors_and_never_run_code(tmp_path, monkeypatch, which, make, expected):
+    monkeypatch.chdir(tmp_path)
+    pickles = cifar_pickles()
+    pickles[which] = make()
+    path = write_cifar100_archive(tmp_path / "c.tar.gz", pickles)
+    with pytest.raises(DataError) as err:
+        list(cifar.read_cifar100(path, trusted(cifar.CIFAR100_ARCHIVE, path)))
+    assert expected in one_line(err)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_archive_without_a_pickle_or_with_a_huge_member_is_refused(tmp_path, monkeypatch):
+    pickles = cifar_pickles()
+    del pickles["test"]
+    path = write_cifar100_archive(tmp_path / "c.tar.gz", pickles)
+    with pytest.raises(DataError, match="has no cifar-100-python/test"):
+        list(cifar.read_cifar100(path, trusted(cifar.CIFAR100_ARCHIVE, path)))
+    monkeypatch.setattr(cifar, "MAX_MEMBER_BYTES", 1000)
+    path = write_cifar100_archive(tmp_path / "d.tar.gz")
+    with pytest.raises(DataError, match="declares .* bytes, more than"):
+        list(cifar.read_cifar100(path, trusted(cifar.CIFAR100_ARCHIVE, path)))
+
+
+def test_metaoptnet_fc100_pickles_read_with_their_split(tmp_path):
+    paths = write_metaoptnet_fc100(tmp_path / "fc100")
+    got = list(cifar.read_metaoptnet_fc100(paths))
+    assert len(got) == 100
+    for name, images, split in got:
+        assert name in cifar.FC100_SPLITS[split]
+        assert images.shape == (3, 3, 32, 32) and (images[:, 0] == cifar.FINE_LABEL_NAMES.index(name)).all()
+        assert images[:, 1, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_metaoptnet_pickle_of_the_wrong_split_or_hostile_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = write_metaoptnet_fc100(tmp_path / "fc100")
+    paths["val"].write_bytes(paths["test"].read_bytes())
+    with pytest.raises(DataError, match="classes of another FC100 split"):
+        list(cifar.read_metaoptnet_fc100(paths))
+    paths["val"].write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(DataError, match="not a plain data pickle"):
+        list(cifar.read_metaoptnet_fc100(paths))
+    assert not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------------------------------------------------ archives
+
+
+def test_local_archive_with_a_wrong_md5_or_html_is_refused_with_the_fix(tmp_path):
+    spec = cifar.CIFAR100_ARCHIVE
+    path = write_cifar100_archive(spec.path(tmp_path))
+    with pytest.raises(DataError) as err:
+        spec.locate(tmp_path, download=False)
+    message = one_line(err)
+    assert f"not the official {spec.md5}" in message and "delete it" in message and spec.url in message
+    path.write_bytes(b"\n<!DOCTYPE html><html><body>Google Drive - quota exceeded</body></html>")
+    with pytest.raises(DataError, match="HTML page"):
+        spec.locate(tmp_path, download=False)
+
+
+def test_missing_archive_without_download_names_the_file_and_place(tmp_path):
+    for spec in (cifar.CIFAR100_ARCHIVE, cub.CUB_ARCHIVE):
+        with pytest.raises(DataError) as err:
+            spec.locate(tmp_path, download=False)
+        message = one_line(err)
+        assert str(tmp_path / spec.folder / spec.filename) in message and spec.url in message
+
+
+def test_truncated_archive_is_caught(tmp_path):
+    path = write_cifar100_archive(tmp_path / "c.tar.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as err:
+        cifar.CIFAR100_ARCHIVE.verify(path)
+    assert "md5" in one_line(err)
+    spec = trusted(cifar.CIFAR100_ARCHIVE, path)  # even a file whose md5 we accept: the stream is checked
+    with pytest.raises(DataError, match="not a readable tar archive|cut short|has no"):
+        list(cifar.read_cifar100(path, spec))
+
+
+def test_download_failure_is_one_line_naming_where_to_put_the_file(tmp_path, monkeypatch):
+    spec = dataclasses.replace(cifar.CIFAR100_ARCHIVE, url="http://127.0.0.1:9/cifar-100-python.tar.gz")
+    with pytest.raises(DataError) as err:
+        spec.locate(tmp_path, download=True)
+    message = one_line(err)
+    assert "download of" in message and str(spec.path(tmp_path)) in message
+    assert not list((tmp_path / "cifar100").glob("*"))  # no partial file left
+
+
+# ------------------------------------------------------------------------------------------ CUB
+
+
+def test_read_cub_decodes_every_class_in_order(tmp_path):
+    path = write_cub_archive(tmp_path / "CUB_200_2011.tgz", cub_members(modes={1: "L", 4: "CMYK"}))
+    spec = trusted(cub.CUB_ARCHIVE, path)
+    classes = list(cub.read_cub(path, crop=False, archive=spec))
+    assert [name for name, _ in classes] == list(cub.CUB_CLASSES)
+    for class_id, (name, images) in enumerate(classes, 1):
+        assert images.shape == (2, 3, 84, 84) and images.dtype == np.uint8
+        # Whole image: the left half is the class colour, the right half white.
+        assert abs(int(images[1, 0, 42, 10]) - class_id) <= 6 and images[1, :, 42, 75].min() >= 245
+    # Images 1 (grayscale) and 4 (CMYK) come out as RGB too: grey as three equal channels.
+    grey = classes[0][1][0].astype(int)
+    assert np.abs(grey[0] - grey[1]).max() <= 1 and np.abs(grey[1] - grey[2]).max() <= 1
+    assert abs(int(classes[1][1][1, 0, 42, 10]) - 2) <= 8
+
+
+def test_read_cub_crop_uses_the_bounding_box(tmp_path):
+    path = write_cub_archive(tmp_path / "CUB_200_2011.tgz", cub_members(text_first=True))
+    spec = trusted(cub.CUB_ARCHIVE, path)
+    cropped = dict(cub.read_cub(path, crop=True, archive=spec))
+    images = cropped["050.Eared_Grebe"]
+    assert abs(int(images[0, 0, 42, 75]) - 50) <= 6  # the whole frame is now the bird's box
+
+
+def test_decode_image_matches_the_documented_pipeline():
+    data = jpeg((60, 45), 120)
+    ours = cub.decode_image(data, (10.2, 5.0, 30.5, 20.0), "x.jpg", DataError)
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").crop((10, 5, 41, 25))
+                           .resize((84, 84), Image.BILINEAR)).transpose(2, 0, 1)
+    assert np.array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: m.pop(f"{cub.TOP}/bounding_boxes.txt"), "has no CUB_200_2011/bounding_boxes.txt"),
+    (lambda m: m.__setitem__(f"{cub.TOP}/classes.txt", b"1 001.Black_footed_Albatross\n"), "200 classes"),
+    (lambda m: m.pop(next(k for k in m if k.endswith(".jpg"))), "lacks 001.Black_footed_Albatross/"),
+    (lambda m: m.__setitem__(next(k for k in m if k.endswith(".jpg")), b"not a jpeg"), "does not decode"),
+    (lambda m: m.__setitem__(f"{cub.TOP}/images.txt",
+                             m[f"{cub.TOP}/images.txt"].replace(b"001.Black_footed_Albatross/", b"../../", 1)),
+     "expected CLASS_FOLDER/NAME.jpg"),
+    (lambda m: m.__setitem__(f"{cub.TOP}/bounding_boxes.txt",
+                             m[f"{cub.TOP}/bounding_boxes.txt"].replace(b"1 0.0 0.0", b"1 0.0 nan", 1)),
+     "invalid box"),
+], ids=["no-boxes", "classes", "missing-image", "corrupt-jpeg", "path-escape", "nan-box"])
+def test_bad_cub_archives_are_one_line_errors(tmp_path, damage, expected):
+    members = cub_members()
+    damage(members)
+    path = write_cub_archive(tmp_path / "CUB_200_2011.tgz", members)
+    with pytest.raises(DataError) as err:
+        list(cub.read_cub(path, crop=False, archive=trusted(cub.CUB_ARCHIVE, path)))
+    assert expected in one_line(err)
+
+
+def test_cub_links_and_oversized_members_are_never_read(tmp_path, monkeypatch):
+    import tarfile
+    members = cub_members()
+    path = write_cub_archive(tmp_path / "CUB_200_2011.tgz", members)
+    # A symlink member named like an image is skipped (so the image counts as missing), never followed.
+    link_path = tmp_path / "link.tgz"
+    with tarfile.open(path) as src, tarfile.open(link_path, "w:gz") as dst:
+        for info in src:
+            data = src.extractfile(info).read()
+            if info.name.endswith("_0000_1.jpg"):
+                info = tarfile.TarInfo(info.name)
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                dst.addfile(info)
+            else:
+                dst.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match="lacks"):
+        list(cub.read_cub(link_path, crop=False, archive=trusted(cub.CUB_ARCHIVE, link_path)))
+    monkeypatch.setattr(cub, "MAX_JPEG_BYTES", 100)
+    with pytest.raises(DataError, match="more than the 100"):
+        list(cub.read_cub(path, crop=False, archive=trusted(cub.CUB_ARCHIVE, path)))
+
+
+def test_cub_stop_request_between_classes(tmp_path, monkeypatch):
+    from metarun.utils import stop
+    path = write_cub_archive(tmp_path / "CUB_200_2011.tgz")
+    classes = cub.read_cub(path, crop=False, archive=trusted(cub.CUB_ARCHIVE, path))
+    next(classes)
+    monkeypatch.setattr(stop, "_requested", type("E", (), {"is_set": staticmethod(lambda: True)})())
+    with pytest.raises(stop.StopRequested):
+        next(classes)
+
+
+def test_not_a_tar_at_all(tmp_path):
+    path = tmp_path / "x.tgz"
+    path.write_bytes(b"\x1f\x8b" + b"\0" * 100)
+    with pytest.raises(DataError, match="not a readable tar archive"):
+        list(official_archive.stream_members(trusted(cub.CUB_ARCHIVE, path), path, lambda n: True, 10))
+    write_tar(tmp_path / "plain.tar", {"a": b"1"}, mode="w")
+    assert list(official_archive.stream_members(cub.CUB_ARCHIVE, tmp_path / "plain.tar", lambda n: True, 10)) == \
+        [("a", b"1")]

@@ -304,3 +304,128 @@ def test_not_a_tar_at_all(tmp_path):
     write_tar(tmp_path / "plain.tar", {"a": b"1"}, mode="w")
     assert list(official_archive.stream_members(cub.CUB_ARCHIVE, tmp_path / "plain.tar", lambda n: True, 10)) == \
         [("a", b"1")]
+
+
+# ------------------------------------------------------------------------------------------ tasks classes
+
+import torch  # noqa: E402
+
+from metarun.data.store import ImageStore  # noqa: E402
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    path = write_cifar100_archive(cifar.CIFAR100_ARCHIVE.path(tmp_path / "data"))
+    monkeypatch.setattr(cifar, "CIFAR100_ARCHIVE", trusted(cifar.CIFAR100_ARCHIVE, path))
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def cub_root(tmp_path, monkeypatch):
+    path = write_cub_archive(cub.CUB_ARCHIVE.path(tmp_path / "data"), cub_members(per_class=3))
+    monkeypatch.setattr(cub, "CUB_ARCHIVE", trusted(cub.CUB_ARCHIVE, path))
+    return tmp_path / "data"
+
+
+def sample(tasks, split="test", n=2, seed=0):
+    return tasks.sample(split, n, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cls, sizes", [(cifar.CIFARFSTasks, (64, 16, 20)), (cifar.FC100Tasks, (60, 20, 20))])
+def test_cifar_tasks_split_sizes_and_pixels_of_the_right_class(cifar_root, cls, sizes):
+    tasks = cls(ways=5, shots=1, queries=2, root=str(cifar_root), download=False, normalize=False)
+    assert tuple(len(tasks.split_class_indices[s]) for s in ("train", "val", "test")) == sizes
+    lists = cls.dataset.class_splits
+    for split in ("train", "val", "test"):
+        names = {tasks.store.class_names[i] for i in tasks.split_class_indices[split].tolist()}
+        assert names == set(lists[split])
+        episode = sample(tasks, split)
+        assert episode.support_x.shape == (2, 5, 3, 32, 32) and episode.query_x.shape == (2, 10, 3, 32, 32)
+        for t in range(2):
+            for way, c in enumerate(episode.classes[t].tolist()):
+                name = tasks.store.class_names[c]
+                assert name in lists[split]
+                # Channel 0 of every fixture image is its CIFAR-100 fine label: the image is of that class.
+                pixels = episode.support_x[t, way, 0] * 255
+                assert torch.allclose(pixels, torch.full_like(pixels, cifar.FINE_LABEL_NAMES.index(name)), atol=1e-3)
+    # The store sits beside the archive, decoded once.
+    assert list((cifar_root / "cifar100").glob(f"{cls.dataset.name}-*"))
+
+
+def test_cifar_normalisation_uses_cifar100_statistics(cifar_root):
+    tasks = cifar.CIFARFSTasks(ways=2, shots=1, queries=1, root=str(cifar_root), download=False)
+    raw = cifar.CIFARFSTasks(ways=2, shots=1, queries=1, root=str(cifar_root), download=False, normalize=False)
+    a, b = sample(tasks), sample(raw)
+    mean = torch.tensor(cifar.MEAN).view(3, 1, 1)
+    std = torch.tensor(cifar.STD).view(3, 1, 1)
+    assert torch.allclose(a.support_x, (b.support_x - mean) / std, atol=1e-5)
+
+
+def test_cifar_store_is_cached_not_decoded_again(cifar_root, monkeypatch):
+    first = sample(cifar.CIFARFSTasks(ways=5, shots=1, queries=1, root=str(cifar_root), download=False))
+
+    def fail(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cifar, "read_cifar100", fail)
+    second = sample(cifar.CIFARFSTasks(ways=5, shots=1, queries=1, root=str(cifar_root), download=False))
+    assert torch.equal(first.support_x, second.support_x) and torch.equal(first.classes, second.classes)
+
+
+def test_fc100_from_metaoptnet_pickles_gives_the_same_split(tmp_path, monkeypatch):
+    write_metaoptnet_fc100(tmp_path / "fc100")
+    tasks = cifar.FC100Tasks(ways=5, shots=1, queries=2, root=str(tmp_path), download=False, normalize=False)
+    assert [len(tasks.split_class_indices[s]) for s in ("train", "val", "test")] == [60, 20, 20]
+    tags = dict(zip(tasks.store.class_names, tasks.store.splits_of_class))
+    assert all(tags[name] == split for split, names in cifar.FC100_SPLITS.items() for name in names)
+    episode = sample(tasks)
+    name = tasks.store.class_names[int(episode.classes[0, 0])]
+    assert name in cifar.FC100_SPLITS["test"]
+    assert float(episode.support_x[0, 0, 0, 0, 0]) * 255 == pytest.approx(cifar.FINE_LABEL_NAMES.index(name), abs=1e-3)
+
+
+def test_missing_files_name_what_to_put_where(tmp_path):
+    for cls, expected in ((cifar.CIFARFSTasks, "cifar100/cifar-100-python.tar.gz"),
+                          (cifar.FC100Tasks, "FC100_train.pickle"), (cub.CUBTasks, "cub/CUB_200_2011.tgz")):
+        with pytest.raises(DataError) as err:
+            cls(ways=5, shots=1, queries=1, root=str(tmp_path), download=False)
+        message = one_line(err)
+        assert expected in message and "data.download" in message
+
+
+def test_wrong_md5_archive_is_refused_by_the_tasks(tmp_path):
+    write_cifar100_archive(cifar.CIFAR100_ARCHIVE.path(tmp_path))
+    with pytest.raises(DataError, match="not the official eb9058c3a382ffc7106e4002c42a8d85.*delete it"):
+        cifar.CIFARFSTasks(ways=5, shots=1, queries=1, root=str(tmp_path), download=False)
+
+
+@pytest.mark.parametrize("split, sizes", [("chen", (100, 50, 50)), ("metadataset", (140, 30, 30))])
+def test_cub_tasks_splits(cub_root, split, sizes):
+    tasks = cub.CUBTasks(ways=5, shots=1, queries=2, root=str(cub_root), split=split, download=False,
+                         normalize=False)
+    assert tuple(len(tasks.split_class_indices[s]) for s in ("train", "val", "test")) == sizes
+    episode = sample(tasks, "val")
+    assert episode.support_x.shape == (2, 5, 3, 84, 84)
+    for way, c in enumerate(episode.classes[0].tolist()):
+        name = tasks.store.class_names[c]
+        assert name in cub.SPLITS[split]["val"]
+        # The fixture paints each photograph's left half in its class id.
+        assert abs(float(episode.support_x[0, way, 0, 42, 10]) * 255 - int(name[:3])) <= 6
+
+
+def test_cub_crop_is_its_own_cache_and_changes_the_images(cub_root):
+    whole = cub.CUBTasks(ways=5, shots=1, queries=1, root=str(cub_root), download=False, normalize=False)
+    cropped = cub.CUBTasks(ways=5, shots=1, queries=1, root=str(cub_root), crop=True, download=False,
+                           normalize=False)
+    assert whole.store.path != cropped.store.path
+    a, b = sample(whole), sample(cropped)
+    assert torch.equal(a.classes, b.classes)
+    assert float(a.support_x[0, 0, :, 42, 75].min()) > 0.95  # right half white in the whole photograph
+    assert float(b.support_x[0, 0, :, 42, 75].min()) < 0.9  # the box is the coloured left half
+
+
+def test_cub_too_many_shots_names_the_key(cub_root):
+    with pytest.raises(DataError, match=r"data.shots \+ data.queries = 4 exceeds"):
+        cub.CUBTasks(ways=5, shots=2, queries=2, root=str(cub_root), download=False)
+    with pytest.raises(ValueError, match="split must be one of"):
+        cub.CUBTasks(ways=5, shots=1, queries=1, root=str(cub_root), split="ravi", download=False)

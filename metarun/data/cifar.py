@@ -21,13 +21,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from rich.progress import MofNCompleteColumn
 
 from metarun.data import safe_pickle
+from metarun.data.cache import StoreWriter
+from metarun.data.images import ImageDataset, ImageTasks, default_store_dir
 from metarun.data.official_archive import OfficialArchive, member_name_ok, stream_members
+from metarun.data.store import ImageStore
 from metarun.errors import DataError
 from metarun.utils import stop
+from metarun.utils.display import transient_progress
 
 # ----------------------------------------------------------------------------------------- the class lists
 
@@ -247,3 +253,127 @@ def split_indices(class_names: list[str], splits: dict[str, tuple[str, ...]], ti
         out[split] = [position[n] for n in names]
     return out
 
+
+
+# ----------------------------------------------------------------------------------------- the datasets
+
+class CIFARFS(ImageDataset):
+    """CIFAR-FS: Bertinetto et al. 2019, 64 / 16 / 20 CIFAR-100 classes, 600 images of 32x32x3 each."""
+
+    name = "cifarfs"
+    title = "CIFAR-FS"
+    channels = 3
+    image_size = IMAGE_SIZE
+    mean, std = MEAN, STD
+    split_names = ("bertinetto",)
+    class_splits: ClassVar[dict[str, tuple[str, ...]]] = CIFARFS_SPLITS
+    source_folder = CIFAR100_ARCHIVE.folder  # where the files are, and the decoded store beside them
+
+    def archive(self) -> OfficialArchive:
+        return CIFAR100_ARCHIVE  # looked up when used: tests swap in the spec of their small archive
+
+    def locate(self, download: bool) -> list[Path]:
+        return [self.archive().locate(self.root, download)]
+
+    def layout(self) -> str:
+        spec = self.archive()
+        return (f"{spec.path(self.root)}: the official CIFAR-100 python archive ({spec.url}, md5 {spec.md5}), "
+                f"downloaded there when data.download is true")
+
+    def decode(self, files: list[Path], writer: StoreWriter) -> None:
+        with transient_progress(MofNCompleteColumn()) as progress:
+            task = progress.add_task(f"decoding {self.title}", total=len(FINE_LABEL_NAMES))
+            for name, images in read_cifar100(files[0], self.archive()):
+                stop.check()
+                writer.add_class(name, images)
+                progress.advance(task)
+
+    def split_classes(self, store: ImageStore) -> dict[str, list[int]]:
+        return split_indices(list(store.class_names), self.class_splits, self.title)
+
+
+class FC100(CIFARFS):
+    """FC100: Oreshkin et al. 2018, 60 / 20 / 20 CIFAR-100 classes by superclass (12 / 4 / 4), from the
+    official archive, or else from MetaOptNet's ``FC100_{train,val,test}.pickle`` in ``<root>/fc100/``."""
+
+    name = "fc100"
+    title = "FC100"
+    split_names = ("oreshkin",)
+    class_splits = FC100_SPLITS
+
+    def __init__(self, root: Path, split: str, **options):
+        super().__init__(root, split, **options)
+        pickles = metaoptnet_paths(self.root)
+        # The official archive when it is there; else MetaOptNet's three pickles; else download the archive.
+        self.use_pickles = not self.archive().path(self.root).is_file() and all(p.is_file() for p in pickles.values())
+        self.source_folder = METAOPTNET_FOLDER if self.use_pickles else CIFAR100_ARCHIVE.folder
+
+    def locate(self, download: bool) -> list[Path]:
+        pickles = metaoptnet_paths(self.root)
+        if self.use_pickles:
+            return list(pickles.values())
+        spec = self.archive()
+        if not spec.path(self.root).is_file() and not download:
+            missing = [p.name for p in pickles.values() if not p.is_file()]
+            raise DataError(f"{spec.path(self.root)} is missing and data.download is false: put the official "
+                            f"{spec.filename} ({spec.url}) there, or MetaOptNet's {', '.join(METAOPTNET_FILES.values())} "
+                            f"in {pickles['train'].parent} (missing: {', '.join(missing)}), or set data.download=true")
+        return super().locate(download)
+
+    def layout(self) -> str:
+        return (f"{super().layout()}; or MetaOptNet's {', '.join(METAOPTNET_FILES.values())} in "
+                f"{metaoptnet_paths(self.root)['train'].parent} (used when the archive is not there)")
+
+    def decode(self, files: list[Path], writer: StoreWriter) -> None:
+        if not self.use_pickles:
+            return super().decode(files, writer)
+        with transient_progress(MofNCompleteColumn()) as progress:
+            task = progress.add_task(f"decoding {self.title}", total=len(FINE_LABEL_NAMES))
+            for name, images, split in read_metaoptnet_fc100(dict(zip(METAOPTNET_FILES, files))):
+                writer.add_class(name, images, split)
+                progress.advance(task)
+
+
+class _CIFARTasks(ImageTasks):
+    def __init__(self, *args, channels: int, image_size: int, **kwargs):
+        if channels != 3 or image_size != IMAGE_SIZE:
+            raise ValueError(f"{self.dataset.title} is decoded to 3x{IMAGE_SIZE}x{IMAGE_SIZE}: channels must be 3 "
+                             f"and image_size {IMAGE_SIZE}")
+        super().__init__(*args, **kwargs)
+
+    def store_dir(self) -> Path:
+        # Beside the source files (root/cifar100 or root/fc100), shared by nothing else; the user cache if
+        # that folder is read-only.
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return default_store_dir(self.root, self.data.source_folder)
+
+
+class CIFARFSTasks(_CIFARTasks):
+    """N-way K-shot CIFAR-FS tasks (Bertinetto et al. 2019; split ``bertinetto``). The archive is read from
+    ``<root>/cifar100/`` (downloaded if missing and ``download``); the other keys as ``ImageTasks``."""
+
+    dataset = CIFARFS
+
+    def __init__(self, ways: int, shots: int, queries: int, root: str, split: str = "bertinetto",
+                 cache_dir: str | None = None, download: bool = True, residency: str = "auto",
+                 memory_share: float = 0.5, normalize: bool = True, augment: tuple[str, ...] = (),
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 channels: int = 3, image_size: int = IMAGE_SIZE):
+        super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
+                         augment, train_ways, train_shots, train_queries, channels=channels, image_size=image_size)
+
+
+class FC100Tasks(_CIFARTasks):
+    """N-way K-shot FC100 tasks (Oreshkin et al. 2018; split ``oreshkin``). Read from ``<root>/cifar100/``'s
+    official archive (downloaded if missing and ``download``), or MetaOptNet's pickles in ``<root>/fc100/``."""
+
+    dataset = FC100
+
+    def __init__(self, ways: int, shots: int, queries: int, root: str, split: str = "oreshkin",
+                 cache_dir: str | None = None, download: bool = True, residency: str = "auto",
+                 memory_share: float = 0.5, normalize: bool = True, augment: tuple[str, ...] = (),
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 channels: int = 3, image_size: int = IMAGE_SIZE):
+        super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
+                         augment, train_ways, train_shots, train_queries, channels=channels, image_size=image_size)

@@ -31,7 +31,10 @@ import numpy as np
 from PIL import Image
 from rich.progress import MofNCompleteColumn
 
+from metarun.data.cache import StoreWriter
+from metarun.data.images import ImageDataset, ImageTasks
 from metarun.data.official_archive import OfficialArchive, member_name_ok, stream_members
+from metarun.data.store import ImageStore
 from metarun.errors import DataError
 from metarun.utils import stop
 from metarun.utils.display import transient_progress
@@ -279,3 +282,66 @@ def read_cub(path: Path, crop: bool, archive: OfficialArchive = CUB_ARCHIVE) -> 
         missing = [index.path_of_id[i] for i in index.ids_of_class[next_class] if i not in pending[next_class]]
         raise bad(f"it lacks {missing[0] if missing else 'images'} listed in images.txt ({found} of "
                   f"{index.n_images} images found: truncated?)")
+
+
+# ----------------------------------------------------------------------------------------- the dataset
+
+class CUB(ImageDataset):
+    """CUB-200-2011 under Chen et al.'s (``chen``, 100/50/50) or Meta-Dataset's (``metadataset``, 140/30/30)
+    class split; ``crop``: crop each photograph to its bounding box before resizing to 84x84."""
+
+    name = "cub"
+    title = "CUB-200-2011"
+    channels = 3
+    image_size = IMAGE_SIZE
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    split_names = SPLIT_NAMES
+
+    def __init__(self, root: Path, split: str, crop: bool = False):
+        super().__init__(root, split, crop=bool(crop))
+        self.crop = bool(crop)
+
+    def archive(self) -> OfficialArchive:
+        return CUB_ARCHIVE  # looked up when used: tests swap in the spec of their small archive
+
+    def locate(self, download: bool) -> list[Path]:
+        return [self.archive().locate(self.root, download)]
+
+    def layout(self) -> str:
+        spec = self.archive()
+        return (f"{spec.path(self.root)}: the official CUB-200-2011 archive ({spec.url}, md5 {spec.md5}), "
+                f"downloaded there when data.download is true; it is read as is, never unpacked")
+
+    def cache_key(self) -> dict:
+        return {"channels": self.channels, "image_size": self.image_size, "crop": self.crop,
+                "resample": "bilinear"}
+
+    def decode(self, files: list[Path], writer: StoreWriter) -> None:
+        for name, images in read_cub(files[0], self.crop, self.archive()):
+            writer.add_class(name, images)
+
+    def split_classes(self, store: ImageStore) -> dict[str, list[int]]:
+        position = {name: i for i, name in enumerate(store.class_names)}
+        missing = [c for c in CUB_CLASSES if c not in position]
+        if missing:
+            raise DataError(f"the decoded CUB-200-2011 store lacks class {missing[0]}: delete it so it is decoded again")
+        return {split: [position[c] for c in names] for split, names in SPLITS[self.split].items()}
+
+
+class CUBTasks(ImageTasks):
+    """N-way K-shot CUB-200-2011 tasks. ``split``: ``chen`` (Chen et al. 2019, 100/50/50, the default) or
+    ``metadataset`` (Triantafillou et al. 2020, 140/30/30); ``crop``: crop to the bounding boxes (default
+    false, as Chen). The archive is read from ``<root>/cub/`` (downloaded if missing and ``download``)."""
+
+    dataset = CUB
+
+    def __init__(self, ways: int, shots: int, queries: int, root: str, split: str = "chen", crop: bool = False,
+                 cache_dir: str | None = None, download: bool = True, residency: str = "auto",
+                 memory_share: float = 0.5, normalize: bool = True, augment: tuple[str, ...] = (),
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 channels: int = 3, image_size: int = IMAGE_SIZE):
+        if channels != 3 or image_size != IMAGE_SIZE:
+            raise ValueError(f"CUB-200-2011 is decoded to 3x{IMAGE_SIZE}x{IMAGE_SIZE}: channels must be 3 and "
+                             f"image_size {IMAGE_SIZE}")
+        super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
+                         augment, train_ways, train_shots, train_queries, crop=crop)

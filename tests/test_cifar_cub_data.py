@@ -429,3 +429,54 @@ def test_cub_too_many_shots_names_the_key(cub_root):
         cub.CUBTasks(ways=5, shots=2, queries=2, root=str(cub_root), download=False)
     with pytest.raises(ValueError, match="split must be one of"):
         cub.CUBTasks(ways=5, shots=1, queries=1, root=str(cub_root), split="ravi", download=False)
+
+
+# ------------------------------------------------------------------------------------------ downloads
+
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server answering each path with the (content type, body) in ``server.routes``."""
+    routes: dict[str, tuple[str, bytes]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            kind, body = routes[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.routes = routes
+    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_verifies_and_refuses_html_and_wrong_checksums(tmp_path, server):
+    good = write_cifar100_archive(tmp_path / "src.tar.gz").read_bytes()
+    server.routes["/good"] = ("application/gzip", good)
+    server.routes["/html"] = ("application/octet-stream", b"<!DOCTYPE html><html>Too many users</html>")
+    server.routes["/short"] = ("application/gzip", good[:1000])
+    import hashlib
+    base = dataclasses.replace(cifar.CIFAR100_ARCHIVE, md5=hashlib.md5(good).hexdigest())
+    root = tmp_path / "data"
+    for route, expected in (("/html", "HTML page"), ("/short", "md5 mismatch")):
+        with pytest.raises(DataError) as err:
+            dataclasses.replace(base, url=server.base + route).locate(root, download=True)
+        message = one_line(err)
+        assert expected in message and str(base.path(root)) in message
+        assert not base.path(root).exists() and not list(base.path(root).parent.glob(".*.part"))
+    path = dataclasses.replace(base, url=server.base + "/good").locate(root, download=True)
+    assert path == base.path(root) and path.read_bytes() == good

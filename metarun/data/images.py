@@ -203,6 +203,20 @@ class ImageTasks(TaskSource):
             if parts[a] & parts[b]:
                 raise DataError(f"the '{split}' split of {title} shares classes between {a} and {b}: "
                                 f"its class lists are broken")
+        for name, (n, k, q) in self.settings.items():
+            counts = self.store.counts[self.split_class_indices[name]]
+            if len(counts) == 0:
+                continue  # the ways check below names the empty split
+            smallest = int(counts.min())
+            if k + q > smallest:
+                prefix = "data.train_" if name == "train" and (n, k, q) != self.settings["val"] else "data."
+                if bool((counts == smallest).all()) and bool((self.store.counts == smallest).all()):
+                    where = f"the {smallest} images per {title} class"
+                else:
+                    i = int(self.split_class_indices[name][counts.argmin()])
+                    where = f"the {smallest} images of the smallest {title} {name} class ({self.store.class_names[i]})"
+                raise DataError(f"{prefix}shots + {prefix}queries = {k + q} exceeds {where}: "
+                                f"lower {prefix}shots or {prefix}queries")
         settings = self.settings
         sizes = {name: len(c) for name, c in self.split_class_indices.items()}
         for name, (n, _, _) in settings.items():
@@ -216,18 +230,6 @@ class ImageTasks(TaskSource):
                         if sizes[limit] < sizes[name] else "")
                 raise DataError(f"{key}={n} exceeds the {sizes[name]} classes of the '{split}' {name} split: "
                                 f"use at most {sizes[limit]} ways{also}")
-        for name, (n, k, q) in settings.items():
-            counts = self.store.counts[self.split_class_indices[name]]
-            smallest = int(counts.min())
-            if k + q > smallest:
-                prefix = "data.train_" if name == "train" and (n, k, q) != settings["val"] else "data."
-                if bool((counts == smallest).all()) and bool((self.store.counts == smallest).all()):
-                    where = f"the {smallest} images per {title} class"
-                else:
-                    i = int(self.split_class_indices[name][counts.argmin()])
-                    where = f"the {smallest} images of the smallest {title} {name} class ({self.store.class_names[i]})"
-                raise DataError(f"{prefix}shots + {prefix}queries = {k + q} exceeds {where}: "
-                                f"lower {prefix}shots or {prefix}queries")
 
     # -- residency -------------------------------------------------------------------------------
     def to(self, device):

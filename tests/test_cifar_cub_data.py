@@ -480,3 +480,17 @@ def test_download_verifies_and_refuses_html_and_wrong_checksums(tmp_path, server
         assert not base.path(root).exists() and not list(base.path(root).parent.glob(".*.part"))
     path = dataclasses.replace(base, url=server.base + "/good").locate(root, download=True)
     assert path == base.path(root) and path.read_bytes() == good
+
+
+@pytest.mark.parametrize("cls, split, own", [(cifar.CIFARFSTasks, "bertinetto", {}), (cifar.FC100Tasks, "oreshkin", {}),
+                                             (cub.CUBTasks, "chen", {"crop": False})])
+def test_tasks_classes_spell_out_their_keys_for_the_config_schema(cls, split, own):
+    import inspect
+
+    from metarun.data.images import ImageTasks
+    params = inspect.signature(cls).parameters
+    common = set(inspect.signature(ImageTasks).parameters) - {"dataset_options"}
+    assert common <= set(params) and not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert params["split"].default == split == cls.dataset.split_names[0]
+    assert {k: params[k].default for k in own} == own
+    assert (params["channels"].default, params["image_size"].default) == (3, cls.dataset.image_size)

@@ -17,6 +17,7 @@ from metarun import __version__
 COMMANDS = {
     "train": ("metarun.train", "meta-train, validate and meta-test: metarun train algo=maml data=omniglot"),
     "eval": ("metarun.evaluate", "meta-test a saved checkpoint: metarun eval ckpt=PATH [test.episodes=N]"),
+    "data": ("metarun.datasets", "the datasets on disk, and getting one there: metarun data list | prepare NAME"),
 }
 
 USAGE = f"""usage: metarun COMMAND [overrides] [hydra flags]
@@ -32,6 +33,7 @@ examples:
   metarun train --cfg job          show the composed config
   metarun train --help             config groups and Hydra flags
   metarun eval ckpt=outputs/train/runs/DATE/checkpoints/best.pt
+  metarun data prepare miniimagenet   decode a dataset once into the cache
 """
 
 
@@ -91,6 +93,9 @@ def completion_command(argv: list[str]) -> str | None:
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
     command_word_done = len(words) >= 3 or (len(words) == 2 and line[-1:].isspace())
+    if len(words) >= 2 and words[1] == "data" and command_word_done:  # not a Hydra command: its two actions
+        print("list prepare" if len(words) == 2 or (len(words) == 3 and not line[-1:].isspace()) else "")
+        return None
     if len(words) >= 2 and words[1] in COMMANDS and command_word_done:
         os.environ["COMP_LINE"] = line.replace(f" {words[1]}", "", 1)
         return words[1]
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["metarun", *argv[1:]]  # the name Hydra's shell completion registers
     jobs.record.reset()
     try:
+        if command == "data":  # no run and no Hydra job: a plain command over the data configs
+            return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
         if command == "train":
             from metarun.resume import with_run_overrides
 

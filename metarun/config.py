@@ -50,7 +50,15 @@ OmegaConf.register_new_resolver("metarun.data_root", default_data_root, replace=
 # (utils/targets.py allow-lists exactly these). An option without an entry (algo=fomaml,
 # model=conv4_embedding) starts from another option's file.
 TARGETS: dict[str, dict[str, str]] = {
-    "data": {"omniglot": "metarun.data.omniglot.OmniglotTasks", "sinusoid": "metarun.data.sinusoid.SinusoidTasks"},
+    "data": {
+        "omniglot": "metarun.data.omniglot.OmniglotTasks",
+        "miniimagenet": "metarun.data.miniimagenet.MiniImageNetTasks",
+        "tieredimagenet": "metarun.data.tieredimagenet.TieredImageNetTasks",
+        "cifarfs": "metarun.data.cifar.CIFARFSTasks",
+        "fc100": "metarun.data.cifar.FC100Tasks",
+        "cub": "metarun.data.cub.CUBTasks",
+        "sinusoid": "metarun.data.sinusoid.SinusoidTasks",
+    },
     "model": {"conv4": "metarun.models.Conv4", "mlp": "metarun.models.MLP", "resnet12": "metarun.models.ResNet12"},
     "algo": {
         "maml": "metarun.algos.maml.MAML",

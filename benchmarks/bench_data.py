@@ -1,0 +1,248 @@
+"""Episodes per second from metarun's image store (on the device, and read from its file per batch)
+against a torchvision ImageFolder + DataLoader pipeline decoding JPEGs, and the peak host memory of a
+tieredImageNet-sized file-backed store.
+
+Everything runs on generated data of the real size, made in one run: miniImageNet's 100 classes of
+600 images at 3x84x84 (1.27 GB as uint8, smooth random images so the JPEGs have a natural size), the
+peers' pipeline over the 64 training classes saved as JPEGs (``ImageFolder``, PIL decoding,
+``ToTensor`` + ``Normalize`` in ``--workers`` worker processes, an episode batch sampler), and a
+tieredImageNet-sized store (779,165 images, 16.5 GB) as a sparse file, read per batch in a child
+process whose peak resident memory is reported. Tasks: 5-way 5-shot, 15 queries, meta-batch 4.
+
+    python benchmarks/bench_data.py [--device auto] [--rounds 5] [--batches 50] [--workers 2] [--work-dir DIR]
+
+torchvision is only needed for the reference row; install the build that matches your torch
+(``pip install torchvision==0.28.0`` for torch 2.13). ``--size small`` is a quick smoke run.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metarun.data import cache  # noqa: E402
+from metarun.data.cache import StoreWriter  # noqa: E402
+from metarun.data.images import ImageDataset, ImageTasks  # noqa: E402
+from metarun.data.tasks import task_generator  # noqa: E402
+from metarun.utils.runtime import resolve_device  # noqa: E402
+
+WAYS, SHOTS, QUERIES, META_BATCH = 5, 5, 15, 4
+SIZES = {  # classes per split, images per class, image side
+    "real": {"splits": {"train": 64, "val": 16, "test": 20}, "per_class": 600, "side": 84},
+    "small": {"splits": {"train": 8, "val": 5, "test": 5}, "per_class": 40, "side": 84},
+}
+TIERED = {"real": (779_165, 608), "small": (20_000, 100)}  # images, classes (tieredImageNet: 779,165 in 608)
+MEAN, STD = (0.4721, 0.4533, 0.4100), (0.2772, 0.2677, 0.2845)
+
+
+def smooth_images(rng: np.random.Generator, n: int, side: int) -> np.ndarray:
+    """(n, 3, side, side) uint8: low-frequency colour noise, so a JPEG of one is a few kB like a photo's."""
+    coarse = rng.integers(0, 256, size=(n, 3, 6, 6), dtype=np.uint8)
+    x = torch.nn.functional.interpolate(torch.from_numpy(coarse).float(), size=(side, side), mode="bicubic",
+                                        align_corners=False)
+    return x.clamp(0, 255).to(torch.uint8).numpy()
+
+
+class Synthetic(ImageDataset):
+    """A generated dataset of miniImageNet's shape, decoded by writing it."""
+
+    name, title, channels, image_size = "bench-mini", "generated miniImageNet", 3, 84
+    mean, std = MEAN, STD
+    split_names = ("ravi",)
+    size = "real"
+
+    def locate(self, download):
+        marker = self.root / "bench-mini.txt"
+        marker.write_text(self.size)
+        return [marker]
+
+    def layout(self):
+        return "generated"
+
+    def decode(self, files, writer):
+        spec, rng = SIZES[self.size], np.random.default_rng(0)
+        for split, count in spec["splits"].items():
+            for c in range(count):
+                writer.add_class(f"{split}{c:03d}", smooth_images(rng, spec["per_class"], spec["side"]), split)
+
+    def split_classes(self, store):
+        return {s: [i for i, t in enumerate(store.splits_of_class) if t == s] for s in ("train", "val", "test")}
+
+
+class SyntheticTasks(ImageTasks):
+    dataset = Synthetic
+
+    def __init__(self, root: str, residency: str):
+        super().__init__(WAYS, SHOTS, QUERIES, root, cache_dir=root, residency=residency)
+
+
+def time_store(tasks: ImageTasks, device, batches: int, rounds: int) -> float:
+    """Median episodes per second of ``sample('train', META_BATCH)`` over ``rounds`` of ``batches``."""
+    generator = task_generator("train", 0)
+    for _ in range(3):
+        tasks.sample("train", META_BATCH, generator)
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(batches):
+            episode = tasks.sample("train", META_BATCH, generator)
+        episode.query_x.sum().item()  # the last batch is on the device
+        rates.append(batches * META_BATCH / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def write_jpegs(tasks: ImageTasks, folder: Path) -> None:
+    from PIL import Image
+
+    store = tasks.store
+    for i in tasks.split_class_indices["train"].tolist():
+        out = folder / store.class_names[i]
+        out.mkdir(parents=True, exist_ok=True)
+        for j, image in enumerate(store.class_images(i).permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(image).save(out / f"{j:04d}.jpg", quality=95)
+
+
+class EpisodeBatches(torch.utils.data.Sampler):
+    """Index batches of META_BATCH tasks of WAYS classes with SHOTS + QUERIES images each (the peers' episodes)."""
+
+    def __init__(self, targets: list[int], batches: int, seed: int = 0):
+        self.by_class = {}
+        for i, t in enumerate(targets):
+            self.by_class.setdefault(t, []).append(i)
+        self.classes, self.batches, self.rng = sorted(self.by_class), batches, np.random.default_rng(seed)
+
+    def __len__(self):
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            batch = []
+            for _ in range(META_BATCH):
+                for c in self.rng.choice(self.classes, WAYS, replace=False):
+                    batch += self.rng.choice(self.by_class[c], SHOTS + QUERIES, replace=False).tolist()
+            yield batch
+
+
+def time_image_folder(folder: Path, device, batches: int, rounds: int, workers: int) -> float | None:
+    try:
+        from torchvision import datasets, transforms
+    except ImportError:
+        return None
+    dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
+    rates = []
+    for r in range(rounds + 1):  # the first round warms the workers and the page cache up
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=EpisodeBatches(dataset.targets, batches, seed=r),
+                                             num_workers=workers, pin_memory=device.type == "cuda",
+                                             persistent_workers=False)
+        start = time.perf_counter()
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True).view(META_BATCH, WAYS, SHOTS + QUERIES, *x.shape[1:])
+        x.sum().item()
+        if r:
+            rates.append(batches * META_BATCH / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def sparse_store(folder: Path, images: int, classes: int) -> None:
+    """A tieredImageNet-sized store folder whose image file is sparse (no 16.5 GB written to disk)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = [images // classes + (1 if c < images % classes else 0) for c in range(classes)]
+    with open(folder / cache.IMAGES_FILE, "wb") as f:
+        f.truncate(images * 3 * 84 * 84)
+    index = {"format": cache.STORE_FORMAT, "version": cache.STORE_VERSION, "shape": [3, 84, 84], "images": images,
+             "class_names": [f"c{c}" for c in range(classes)], "counts": counts,
+             "splits": ["train"] * classes, "sha256": "", "meta": {"dataset": "sparse"}}
+    (folder / cache.INDEX_FILE).write_text(json.dumps(index))
+
+
+def tiered_memory_child(folder: Path, device_name: str, batches: int) -> None:
+    """Runs in a child process: sample ``batches`` training batches from the file-backed store, print peak RSS."""
+    from metarun.data.sampler import ClassTaskSampler
+    from metarun.data.store import ImageStore
+
+    store = ImageStore.open(folder)
+    device = resolve_device(device_name)
+    store.place(device, "memmap")
+    sampler = ClassTaskSampler(torch.arange(len(store.counts)), store.counts, WAYS, SHOTS, QUERIES)
+    generator = task_generator("train", 0)
+    start = time.perf_counter()
+    for _ in range(batches):
+        slots, positions = sampler.draw(META_BATCH, generator)
+        x = store.gather(sampler.classes[slots], positions)
+        x = x.float() / 255.0
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+    print(json.dumps({"peak_bytes": peak, "store_bytes": store.nbytes, "batches": batches, "seconds": seconds}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds, after a warm-up")
+    parser.add_argument("--batches", type=int, default=50, help="meta-batches per timed round")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--size", choices=SIZES, default="real")
+    parser.add_argument("--work-dir", default=None, help="where the generated data goes (default: a temp dir)")
+    parser.add_argument("--tiered-batches", type=int, default=500)
+    parser.add_argument("--tiered-memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tiered_memory_child:
+        return tiered_memory_child(Path(args.tiered_memory_child), args.device, args.tiered_batches)
+
+    device = resolve_device(args.device)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="metarun-bench-data-"))
+    try:
+        Synthetic.size = args.size
+        start = time.perf_counter()
+        device_tasks = SyntheticTasks(str(work), "device").to(device)
+        made = time.perf_counter() - start
+        memmap_tasks = SyntheticTasks(str(work), "memmap").to(device)
+        store = device_tasks.store
+        print(f"generated data: {store.num_images:,} images 3x84x84 in {len(store.counts)} classes, "
+              f"{store.nbytes / 1e9:.2f} GB as uint8 (made and decoded once in {made:.0f} s); device {device}")
+        print(f"tasks: {WAYS}-way {SHOTS}-shot, {QUERIES} queries, meta-batch {META_BATCH}; "
+              f"median of {args.rounds} rounds of {args.batches} meta-batches")
+        rates = {"device store": time_store(device_tasks, device, args.batches, args.rounds),
+                 "memmap store": time_store(memmap_tasks, device, args.batches, args.rounds)}
+        jpegs = work / "jpeg"
+        write_jpegs(device_tasks, jpegs)
+        folder_rate = time_image_folder(jpegs, device, args.batches, args.rounds, args.workers)
+        label = f"ImageFolder + DataLoader ({args.workers} workers, JPEG)"
+        for name, rate in rates.items():
+            ratio = f"  {rate / folder_rate:.1f}x the ImageFolder pipeline" if folder_rate else ""
+            print(f"  {name:<44} {rate:8.0f} episodes/s{ratio}")
+        if folder_rate:
+            print(f"  {label:<44} {folder_rate:8.0f} episodes/s")
+        else:
+            print(f"  {label:<44} skipped: torchvision is not installed (pip install torchvision matching your torch)")
+
+        images, classes = TIERED[args.size]
+        sparse = work / "tiered-sparse"
+        sparse_store(sparse, images, classes)
+        child = subprocess.run([sys.executable, __file__, "--tiered-memory-child", str(sparse), "--device", args.device,
+                                "--tiered-batches", str(args.tiered_batches)], capture_output=True, text=True)
+        if child.returncode != 0:
+            raise SystemExit(f"tiered memory run failed: {child.stderr.strip().splitlines()[-1:]}")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"tieredImageNet-sized memmap store ({images:,} images, {result['store_bytes'] / 1e9:.1f} GB, sparse file): "
+              f"peak host memory {result['peak_bytes'] / 1e9:.2f} GB over {result['batches']} meta-batches "
+              f"({result['batches'] * META_BATCH / result['seconds']:.0f} episodes/s)")
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

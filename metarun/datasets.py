@@ -1,0 +1,124 @@
+"""``metarun data``: which datasets are on disk, and getting one there.
+
+    metarun data list [data.root=PATH] [data.cache_dir=PATH]
+    metarun data prepare NAME [data.KEY=VALUE ...]
+
+``list`` shows every ``data=`` option: whether its files are present and verified (by checksum where
+the dataset has an official download, by content otherwise), whether they are decoded into the cache,
+their size on disk and the decoded store's size in memory. ``prepare`` downloads what can be
+downloaded (with a progress bar), verifies it, decodes it once into the cache and says how long that
+took. It composes the same config as ``metarun train data=NAME``, so every ``data.*`` key means the
+same here (``data.split``, ``data.crop``, ``data.root``), and a decoded store is the one a run uses.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
+
+from metarun.errors import MetarunError
+
+USAGE = """usage: metarun data list [data.root=PATH] [data.cache_dir=PATH]
+       metarun data prepare NAME [data.KEY=VALUE ...]
+
+  list       every dataset: files present and verified, decoded into the cache, size on disk and in memory
+  prepare    download (where an official download exists), verify and decode NAME once into the cache
+"""
+
+
+def data_config(name: str, overrides: list[str]) -> DictConfig:
+    """``data`` of ``metarun train data=NAME OVERRIDES``, validated as a run would validate it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from metarun.config import TARGETS, conf_dir
+    from metarun.validation import validate_train
+
+    if name not in TARGETS["data"]:
+        raise MetarunError(f"unknown dataset '{name}': choose one of {', '.join(TARGETS['data'])} (metarun data list)")
+    bad = [o for o in overrides if not o.startswith("data.") or "=" not in o]
+    if bad:
+        raise MetarunError(f"'{bad[0]}' is not a data key: metarun data takes data.KEY=VALUE overrides only")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={name}", *overrides])
+    validate_train(cfg)
+    return cfg.data
+
+
+def size_text(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def list_datasets(overrides: list[str]) -> Table:
+    from metarun.config import TARGETS
+    from metarun.data.images import ImageTasks
+
+    table = Table(title="metarun datasets", title_justify="left")
+    for column in ("data=", "dataset", "files", "on disk", "decoded", "in memory"):
+        table.add_column(column)
+    root = None
+    for name in TARGETS["data"]:
+        cfg = data_config(name, overrides)
+        tasks = get_class(cfg._target_)
+        root = cfg.get("root", root)
+        if not issubclass(tasks, ImageTasks):
+            table.add_row(name, tasks.__name__.removesuffix("Tasks"), "none (generated)", "-", "-", "-")
+            continue
+        status = tasks.files_status(OmegaConf.to_container(cfg, resolve=True))
+        files = status.problem or ("verified" if status.verified else "present")
+        decoded = "yes" if status.store is not None else "no"
+        table.add_row(name, tasks.dataset.title, files, size_text(status.disk_bytes), decoded,
+                      size_text(status.memory_bytes))
+    table.caption = f"data.root: {root}"
+    return table
+
+
+def prepare(name: str, overrides: list[str]) -> str:
+    from metarun.data.images import ImageTasks
+    from metarun.utils.runtime import build
+
+    cfg = data_config(name, overrides)
+    tasks = get_class(cfg._target_)
+    if not issubclass(tasks, ImageTasks):
+        return f"{name}: nothing to prepare (its tasks are generated)"
+    start = time.perf_counter()
+    source = build(cfg)  # finds or downloads, verifies, and decodes into the cache once
+    seconds = time.perf_counter() - start
+    status = tasks.files_status(OmegaConf.to_container(cfg, resolve=True))
+    facts = "  ".join(f"{k}: {v}" for k, v in source.summary().items() if k in ("split",))
+    where = f" in {status.store}" if status.store is not None else ""
+    return (f"{tasks.dataset.title} ready in {seconds:.1f} s: {size_text(status.memory_bytes)} decoded{where}"
+            + (f"  {facts}" if facts else ""))
+
+
+def main(argv: list[str]) -> int:
+    from metarun.utils.display import console
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    action, rest = argv[0], argv[1:]
+    if action == "list":
+        console().print(list_datasets(rest))
+        return 0
+    if action == "prepare":
+        if not rest or "=" in rest[0]:
+            raise MetarunError("metarun data prepare needs a dataset name: metarun data prepare NAME (metarun data list)")
+        print(prepare(rest[0], rest[1:]))
+        return 0
+    raise MetarunError(f"unknown data command '{action}': use metarun data list or metarun data prepare NAME")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -115,9 +115,20 @@ def _check_images(images, source: str, what: str) -> np.ndarray:
     return images
 
 
+def load_pickle(path: Path):
+    """``safe_pickle.load`` (latin1: also reads Python 2 pickles of numpy arrays), its errors ending in a fix."""
+    try:
+        return safe_pickle.load(path, encoding="latin1")
+    except DataError as e:
+        message = str(e)
+        if "again" in message or "unpack" in message:
+            raise
+        raise DataError(f"{message}; download it again from a source you trust") from None
+
+
 def read_pickle(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """One ``mini-imagenet-cache-{split}.pkl``: {'image_data': (N, 84, 84, 3) uint8, 'class_dict': {wnid: [i]}}."""
-    data = safe_pickle.load(path, encoding="latin1")  # latin1: also reads Python 2 pickles of numpy arrays
+    data = load_pickle(path)
     if not isinstance(data, dict) or not {"image_data", "class_dict"} <= set(data):
         keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise DataError(f"{path} should be a dict with keys 'image_data' and 'class_dict', got {keys}: "
@@ -154,8 +165,8 @@ def decode_image(data: bytes | Path, source: str, size: int = IMAGE_SIZE) -> np.
         raise DataError(f"{source} does not decode as an image ({e}): download it again") from None
 
 
-def read_csv(path: Path, progress=None) -> Iterator[tuple[str, np.ndarray]]:
-    """One of Ravi's ``{split}.csv`` (``filename,label``), its images read from ``images/`` beside it."""
+def parse_csv(path: Path) -> dict[str, list[str]]:
+    """One of Ravi's ``{split}.csv`` (``filename,label``): {label: [file names]}, every file checked present."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
@@ -173,6 +184,16 @@ def read_csv(path: Path, progress=None) -> Iterator[tuple[str, np.ndarray]]:
         by_class.setdefault(row[1], []).append(row[0])
     if not by_class:
         raise DataError(f"{path} lists no images; download Ravi & Larochelle's csv files again")
+    images_dir = path.parent / IMAGES_DIR
+    missing = [f for files in by_class.values() for f in files if not (images_dir / f).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} images listed in {path.name} are missing from {images_dir}/ "
+                        f"(first: {missing[0]}): put the whole image folder there")
+    return by_class
+
+
+def read_csv(path: Path, by_class: dict[str, list[str]], progress=None) -> Iterator[tuple[str, np.ndarray]]:
+    """The classes of a parsed ``{split}.csv``, decoded from ``images/`` beside it."""
     images_dir = path.parent / IMAGES_DIR
     for name in sorted(by_class):
         stop.check()
@@ -226,8 +247,9 @@ def decode_into(fmt: str, files: list[Path], writer) -> None:
     """Write every class of the three split files to ``writer`` (a StoreWriter), tagged with its split,
     as uint8 (n, 3, 84, 84); progress on stderr, a stop request honoured between classes."""
     csv_images = None
-    if fmt == "csv":  # images, for the bar: the csv files are small
-        csv_images = sum(max(0, sum(1 for line in open(p) if line.strip()) - 1) for p in files)
+    if fmt == "csv":  # all three checked before any image is decoded, so a bad file fails in seconds
+        parsed = [parse_csv(p) for p in files]
+        csv_images = sum(len(v) for by_class in parsed for v in by_class.values())
     progress = transient_progress(MofNCompleteColumn())
     with progress:
         bar = progress.add_task("decoding miniImageNet", total=csv_images or 100)
@@ -236,7 +258,7 @@ def decode_into(fmt: str, files: list[Path], writer) -> None:
             if fmt == "pickle":
                 classes = read_pickle(files[i])
             elif fmt == "csv":
-                classes = read_csv(files[i], progress=lambda: progress.advance(bar))
+                classes = read_csv(files[i], parsed[i], progress=lambda: progress.advance(bar))
             elif fmt == "hdf5":
                 classes = read_hdf5(files[i], files[i + 3])
             else:

@@ -30,7 +30,7 @@ from rich.progress import MofNCompleteColumn
 
 from metarun.data import safe_pickle
 from metarun.data.miniimagenet import (FILE_SPLITS, HDF5, HDF5_EXTRA, HDF5_LABELS, IMAGE_SIZE, MEAN, STD,
-                                       decode_image, have_h5py)
+                                       decode_image, have_h5py, load_pickle)
 from metarun.errors import DataError
 from metarun.utils import stop
 from metarun.utils.display import transient_progress
@@ -81,10 +81,14 @@ def find_files(root: Path | str) -> tuple[str, list[Path]]:
 # ---------------------------------------------------------------------------------------------- pickles
 
 
+_FORGOTTEN = type("_Forgotten", (), {"__repr__": lambda self: "<an image already handed on>"})()
+
+
 class _StreamingUnpickler(pickle._Unpickler):
     """safe_pickle's restriction (numpy arrays and builtins only), and each item of the top-level list
     is handed to ``sink`` as soon as it is read instead of being kept: a pickled list of PNGs is then
-    read in bounded memory. Large objects are not memoised either (an image is never referenced twice)."""
+    read in bounded memory. Arrays and large strings are not memoised either (an image is never
+    referenced twice)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
@@ -119,9 +123,9 @@ class _StreamingUnpickler(pickle._Unpickler):
 
     def _remember(self, key):
         value = self.stack[-1]
-        bulky = (isinstance(value, np.ndarray) and value.nbytes >= _BULKY) or \
-            (isinstance(value, (bytes, bytearray, str)) and len(value) >= _BULKY)
-        self.memo[key] = None if bulky else value
+        # An array is memoised while still empty (BUILD fills it in later), so arrays are never kept.
+        bulky = isinstance(value, np.ndarray) or (isinstance(value, (bytes, bytearray, str)) and len(value) >= _BULKY)
+        self.memo[key] = _FORGOTTEN if bulky else value
 
     def _binput(self):
         self._remember(self.read(1)[0])
@@ -156,7 +160,7 @@ def stream_pickled_list(path: Path, sink, encoding: str = "latin1") -> None:
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     except pickle.UnpicklingError as e:
-        raise DataError(f"{path} is not a plain data pickle: {e}") from None
+        raise DataError(f"{path} is not a plain data pickle: {e}; download it again from a source you trust") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
             UnicodeDecodeError, OverflowError, pickle.PickleError) as e:
         raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}): download it again") from None
@@ -171,7 +175,7 @@ def stream_pickled_list(path: Path, sink, encoding: str = "latin1") -> None:
 
 def _labels(path: Path, split: str) -> tuple[np.ndarray, list[str], list[str]]:
     """(class index of each image, class names, category name of each class) from ``{split}_labels.pkl``."""
-    data = safe_pickle.load(path, encoding="latin1")
+    data = load_pickle(path)
     if not isinstance(data, dict) or not {"label_specific", "label_general"} <= set(data):
         keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise DataError(f"{path} should be a dict with keys 'label_specific' and 'label_general', got {keys}: "
@@ -211,6 +215,9 @@ def _labels(path: Path, split: str) -> tuple[np.ndarray, list[str], list[str]]:
 
 
 def _png_bytes(item, source: str) -> bytes:
+    if item is _FORGOTTEN:
+        raise DataError(f"{source} repeats an earlier image object, which tieredImageNet's files never do: "
+                        f"download the file again")
     if isinstance(item, np.ndarray) and item.dtype == np.uint8:
         return item.tobytes()
     if isinstance(item, (bytes, bytearray)):

@@ -26,6 +26,7 @@ from hydra_zen import BuildsFn
 from omegaconf import MISSING, OmegaConf
 
 from metarun.algos.gradient import GradientBased
+from metarun.data.images import ImageTasks
 
 
 def conf_dir() -> str:
@@ -121,6 +122,12 @@ def schema(group: str, name: str) -> type:
         return _Builds.builds(target, zen_partial=True, populate_full_signature=True,
                               zen_exclude=lambda k: k not in keys, **required)
     bases = ()
+    if group == "data" and issubclass(target, ImageTasks) and target is not ImageTasks:
+        # Every image dataset takes the common image-task keys (residency, augment, ...), whether its class
+        # spells them out or passes them on as **kwargs.
+        # The base holds only the keys the class does not spell out (its own may be typed or defaulted otherwise).
+        own = tuple(inspect.signature(target).parameters)
+        bases = (_Builds.builds(ImageTasks, populate_full_signature=True, zen_exclude=own),)
     if name in ENGINE_KEYS_OF:
         bases = (_Builds.builds(GradientBased, populate_full_signature=True,
                                 zen_exclude=(*PASSED_BY_TRAINER, *ENGINE_KEYS_OF[name])),)

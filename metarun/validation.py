@@ -19,7 +19,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from metarun.algos.base import BATCHING as BATCHING_OPTIONS
 from metarun.algos.protonet import DISTANCES
 from metarun.algos.reptile import INNER_OPTIMIZERS
-from metarun.data.omniglot import SPLIT_NAMES
+from metarun.data.images import ImageTasks
+from metarun.data.store import RESIDENCIES
+from metarun.data.transforms import AUGMENTS
 from metarun.data.omniglot_files import IMAGES_PER_CHARACTER
 from metarun.errors import MetarunError
 from metarun.models.conv4 import FINAL_MAPS, VARIANTS
@@ -39,6 +41,11 @@ def _number(v) -> bool:
 
 def _integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _augments_ok(v) -> bool:
+    return (isinstance(v, list) and all(isinstance(x, str) and x in AUGMENTS for x in v) and len(set(v)) == len(v)
+            and not {"resized_crop", "pad_crop"} <= set(v))
 
 
 COUNT_LIMIT = 2**31 - 1  # counts beyond it overflow tensor sizes and loops long before they mean anything
@@ -125,16 +132,21 @@ TRAIN_RULES: dict[str, Rule] = {
     "train.val_episodes": EPISODES,
     "train.log_every": COUNT,
     **COMMON_RULES,
-    # data=omniglot
+    # image datasets (data=omniglot, ...); a dataset's own split names, channels and image size: image_rules
     "data.ways": integer(2, allowed="an integer >= 2 (one class is no classification task)"),
     "data.train_ways": integer(2, allowed="an integer >= 2 (one class is no classification task), or null"),
     "data.shots": COUNT,
     "data.queries": COUNT,
     "data.train_shots": integer(1, allowed="an integer >= 1, or null"),
     "data.train_queries": integer(0, allowed="an integer >= 0 (0: algorithms without a query set), or null"),
-    "data.split": one_of(*SPLIT_NAMES),
-    "data.channels": integer(1, 1, "1 (Omniglot is grayscale)"),
-    "data.image_size": integer(28, 28, "28 (Omniglot is decoded to 28x28)"),
+    "data.split": pattern(r".+", "the name of one of the dataset's splits"),
+    "data.channels": Rule(lambda v: v in (1, 3) and _integer(v), "1 (grayscale) or 3 (colour)"),
+    "data.image_size": COUNT,
+    "data.residency": one_of(*RESIDENCIES),
+    "data.memory_share": number(0, 1, low_open=True),
+    "data.normalize": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "data.augment": Rule(_augments_ok, f"a list of {', '.join(AUGMENTS)} (resized_crop or pad_crop, not both; "
+                                       f"[] for none)"),
     # data=sinusoid
     "data.amplitude": interval(),
     "data.phase": interval(),
@@ -245,9 +257,32 @@ def check_joint(cfg: DictConfig) -> None:
         raise MetarunError(joint.message.format(*keys, total=sum(values)))
 
 
+def image_rules(cfg: DictConfig) -> dict[str, Rule]:
+    """The rules a chosen image dataset sets for itself: its split names, channels and image size."""
+    from hydra.utils import get_class
+
+    from metarun.config import TARGETS
+
+    target = OmegaConf.select(cfg, "data._target_", default=None)
+    if target not in TARGETS["data"].values():  # only classes metarun ships are imported
+        return {}
+    tasks = get_class(target)
+    if not (isinstance(tasks, type) and issubclass(tasks, ImageTasks)):
+        return {}
+    d = tasks.dataset
+    size = d.image_size
+    return {
+        "data.split": one_of(*d.split_names),
+        "data.channels": integer(d.channels, d.channels,
+                                 f"{d.channels} ({d.title} is {'grayscale' if d.channels == 1 else 'in colour'})"),
+        "data.image_size": integer(size, size, f"{size} ({d.title} is decoded to {size}x{size})"),
+    }
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Every key of a ``metarun train`` config, before the run builds or writes anything."""
     check(cfg, TRAIN_RULES)
+    check(cfg, image_rules(cfg))
     check_joint(cfg)
 
 

@@ -23,9 +23,12 @@ from typing import NamedTuple
 
 import torch
 
-from metarun.data.omniglot_files import OFFICIAL_URL, load_omniglot
+from metarun.data.images import ImageDataset, ImageTasks
+from metarun.data.omniglot_files import (ARCHIVE_NAMES, IMAGE_SIZE, OFFICIAL_URL, default_cache_dir,
+                                         find_or_download_archives, load_omniglot)
 from metarun.data.sampler import ClassTaskSampler
-from metarun.data.tasks import SPLITS, TaskSource
+from metarun.data.store import ImageStore
+from metarun.data.tasks import SPLITS
 from metarun.errors import DataError
 
 SPLIT_SEED = 1  # the character shuffle of the named splits; never the run's seed
@@ -66,82 +69,120 @@ def omniglot_splits(name: str, alphabets: list[str], background: torch.Tensor) -
     raise DataError(f"unknown Omniglot split '{name}': set data.split to one of {', '.join(SPLIT_NAMES)}")
 
 
-class OmniglotTasks(TaskSource):
+class Omniglot(ImageDataset):
+    """Omniglot's archives under ``<root>/omniglot/``; decoded and cached by ``metarun.data.omniglot_files``."""
+
+    name, title, channels, image_size = "omniglot", "Omniglot", 1, IMAGE_SIZE
+    mean = std = None  # ink on a blank page: only divided by 255, as every Omniglot paper does
+    split_names = SPLIT_NAMES
+
+    def __init__(self, root: Path, split: str, url: str = OFFICIAL_URL):
+        super().__init__(root, split)
+        self.url = url
+
+    def locate(self, download: bool) -> list[Path]:
+        paths = find_or_download_archives(self.root, url=self.url, download=download)
+        return [paths[name] for name in ARCHIVE_NAMES]
+
+    def layout(self) -> str:
+        return (f"{self.root}/omniglot/images_background.zip and {self.root}/omniglot/images_evaluation.zip "
+                f"(downloaded from {OFFICIAL_URL} when missing)")
+
+    def cache_key(self) -> dict:
+        return {"channels": 1, "image_size": IMAGE_SIZE}
+
+
+class OmniglotSampler(ClassTaskSampler):
+    """The generic sampler with Omniglot's rotation scheme: ``rotate`` turns every class of every task by its
+    own random multiple of 90 degrees (MAML's protocol: rotations augment tasks); ``turns`` gives each class
+    a fixed rotation (rotations as extra classes, the Vinyals/Snell/Nichol protocol: the same character
+    appears as up to four classes, told apart by ``turns``)."""
+
+    def __init__(self, classes, counts, ways, shots, queries, rotate: bool, turns: torch.Tensor | None = None):
+        super().__init__(classes, counts, ways, shots, queries)
+        self.rotate, self.turns = rotate, turns
+
+    @property
+    def class_ids(self) -> torch.Tensor:
+        return encode_classes(self.classes, self.turns)
+
+
+def encode_classes(characters: torch.Tensor, turns: torch.Tensor | None) -> torch.Tensor:
+    """One id per class: the character index, or 4 * character + turns where rotations are classes."""
+    return characters if turns is None else 4 * characters + turns
+
+
+class OmniglotTasks(ImageTasks):
     """N-way K-shot Omniglot tasks. ``ways``/``shots``/``queries`` set the validation and test tasks;
     ``train_ways``/``train_shots``/``train_queries`` (None: the same) set the meta-training tasks,
     for the protocols that train on other tasks than they test on (ProtoNets train 60-way,
     Reptile trains on 10 shots). ``train_queries`` may be 0 for algorithms that use no query set.
     The archives are read from ``<root>/omniglot/`` (fetched from ``url`` if missing and ``download``);
     the decoded tensors are cached in ``cache_dir`` (None: next to the archives, or the user cache if
-    that is read-only)."""
+    that is read-only). ``residency``, ``memory_share``, ``normalize`` and ``augment`` as for every image
+    dataset (``metarun.data.images.ImageTasks``); Omniglot has no channel statistics to normalise with."""
 
-    problem = "classification"
+    dataset = Omniglot
 
     def __init__(self, ways: int, shots: int, queries: int, split: str, root: str, cache_dir: str | None = None,
                  url: str = OFFICIAL_URL, download: bool = True, channels: int = 1, image_size: int = 28,
-                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None):
-        # Argument errors name the arguments (metarun.utils.runtime.build says them as data.* keys);
-        # what the archives cannot give (more classes or images than they hold) is a DataError.
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 residency: str = "auto", memory_share: float = 0.5, normalize: bool = True,
+                 augment: tuple[str, ...] = ()):
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-        # One class is no classification task (every answer is right): ways start at 2, as in metarun.validation.
-        if ways < 2 or min(shots, queries) < 1:
-            raise ValueError(f"ways must be at least 2 and shots and queries at least 1 (got {ways}, {shots}, {queries})")
-        train = (ways if train_ways is None else train_ways, shots if train_shots is None else train_shots,
-                 queries if train_queries is None else train_queries)
-        if train[0] < 2 or train[1] < 1 or train[2] < 0:
-            raise ValueError(f"train_ways must be at least 2, train_shots at least 1 and train_queries at least 0 "
-                             f"(got {train[0]}, {train[1]}, {train[2]})")
-        if image_size != 28 or channels != 1:
+        if image_size != IMAGE_SIZE or channels != 1:
             raise ValueError("Omniglot is decoded to 1x28x28: channels must be 1 and image_size 28")
-        data = load_omniglot(Path(root).expanduser(), cache_dir=cache_dir, url=url, download=download)
-        per_class = data.images.shape[1]
-        settings = {"train": train, "val": (ways, shots, queries), "test": (ways, shots, queries)}
-        for name, (n, k, q) in settings.items():
-            if k + q > per_class:
-                prefix = "data.train_" if name == "train" and (n, k, q) != (ways, shots, queries) else "data."
-                raise DataError(
-                    f"{prefix}shots + {prefix}queries = {k + q} exceeds the {per_class} images per Omniglot class: "
-                    f"lower {prefix}shots or {prefix}queries"
-                )
-        self.split_name = split
-        split_def = omniglot_splits(split, data.alphabets, data.background)
-        sizes = {name: len(c) for name, c in split_def.classes.items()}
-        for name, (n, _, _) in settings.items():
-            if n > sizes[name]:
-                # Each key's limit is the smallest of the splits it sets: data.train_ways only the train
-                # split, data.ways the val and test splits, and the train split too unless train_ways is set.
-                own = name == "train" and train_ways is not None
-                key = "data.train_ways" if own else "data.ways"
-                governs = ("train",) if own else ("val", "test") if train_ways is not None else SPLITS
-                limit = min(governs, key=sizes.get)
-                also = (f" ({key} also sets the {limit} tasks, and the {limit} split has {sizes[limit]} classes)"
-                        if sizes[limit] < sizes[name] else "")
-                raise DataError(f"{key}={n} exceeds the {sizes[name]} classes of the '{split}' {name} split: "
-                                f"use at most {sizes[limit]} ways{also}")
-        self.images = data.images
-        self.samplers = {
-            name: ClassTaskSampler(split_def.classes[name], per_class, *settings[name], split_def.rotate_per_task,
-                                   split_def.turns[name])
-            for name in SPLITS
-        }
+        self.url = url
+        super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
+                         augment, train_ways, train_shots, train_queries, url=url)
 
-    def to(self, device):
-        super().to(device)
-        self.images = self.images.to(self.device)
-        return self
+    def store_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir(self.root)
 
-    def draw(self, split, num_tasks, generator):
-        return self.samplers[split].draw(num_tasks, generator)
+    def load_store(self, download: bool) -> ImageStore:
+        # Omniglot keeps its own verified decode cache (omniglot_files); the store wraps its tensor.
+        data = load_omniglot(self.root, cache_dir=self.cache_dir, url=self.url, download=download)
+        self.alphabets, self.background = data.alphabets, data.background
+        characters, per_class = data.images.shape[:2]
+        return ImageStore.from_tensor(data.images.reshape(characters * per_class, 1, *data.images.shape[2:]),
+                                      [per_class] * characters, data.characters)
 
-    def materialize(self, split, drawn):
-        return self.samplers[split].materialize(self.images, drawn)
+    def split_classes(self):
+        self.split_def = omniglot_splits(self.split_name, self.alphabets, self.background)
+        return self.split_def.classes
+
+    def make_sampler(self, split, classes, ways, shots, queries):
+        return OmniglotSampler(classes, self.store.counts, ways, shots, queries, self.split_def.rotate_per_task,
+                               self.split_def.turns[split])
+
+    # Rotations are drawn after classes and images, in the order metarun always drew them (same tasks).
+    def draw_extra(self, split, slots, generator):
+        sampler = self.samplers[split]
+        if sampler.rotate:
+            turns = torch.randint(0, 4, slots.shape, generator=generator)
+        elif sampler.turns is not None:
+            turns = sampler.turns[slots]
+        else:
+            turns = torch.zeros(slots.shape, dtype=torch.long)
+        return (turns,)
+
+    def transform(self, split, images, extra):
+        sampler = self.samplers[split]
+        if not (sampler.rotate or sampler.turns is not None):
+            return images
+        turns = extra[0].to(images.device)
+        rotated = torch.stack([images.rot90(k, dims=(-2, -1)) for k in range(4)])
+        tasks = torch.arange(images.shape[0], device=images.device)[:, None]
+        return rotated[turns, tasks, torch.arange(sampler.ways, device=images.device)]
+
+    def episode_classes(self, split, classes, extra):
+        return encode_classes(classes, None if self.samplers[split].turns is None else extra[0])
 
     def summary(self):
-        sizes = "/".join(str(len(s.classes)) for s in self.samplers.values())
+        out = super().summary()
         rotate = ", per-task 90-degree rotations" if self.samplers["train"].rotate else ""
         if any(s.turns is not None for s in self.samplers.values()):
             rotate = ", rotations as classes in " + "/".join(n for n, s in self.samplers.items() if s.turns is not None)
-        train = self.samplers["train"]
-        return {"split": f"{self.split_name}: {sizes} train/val/test classes{rotate}",
-                "train tasks": f"{train.ways}-way {train.shots}-shot, {train.queries} queries"}
+        out["split"] += rotate
+        return out

@@ -267,3 +267,97 @@ def test_bad_tiered_hdf5(tmp_path):
     one_line_error(_tiered_decode(tmp_path), "val_data.hdf5", "does not decode")
     (folder / "val_data.hdf5").write_bytes(io.BytesIO(HTML).read())
     one_line_error(_tiered_decode(tmp_path), "val_data.hdf5", "not an HDF5 file")
+
+
+# ------------------------------------------------------------------------------------------- tasks over the store
+
+import torch  # noqa: E402
+
+from metarun.data.miniimagenet import MiniImageNetTasks  # noqa: E402
+from metarun.data.tieredimagenet import TieredImageNetTasks  # noqa: E402
+
+
+def mini_tasks(root, **kw):
+    return MiniImageNetTasks(**{"ways": 2, "shots": 1, "queries": 2, "root": str(root),
+                                "cache_dir": str(root / "cache"), **kw})
+
+
+def test_mini_tasks_split_by_the_files_with_disjoint_classes(tmp_path):
+    expected = write_mini_pickles(tmp_path)
+    tasks = mini_tasks(tmp_path)
+    store = tasks.store
+    names = {s: {store.class_names[i] for i in tasks.split_class_indices[s].tolist()} for s in ("train", "val", "test")}
+    assert names == {s: set(expected[s]) for s in expected}
+    assert {len(v) for v in names.values()} == {5, 3} and not (names["train"] & names["val"] | names["val"] & names["test"])
+    assert store.counts.tolist() == [6] * 11 and tuple(store.shape) == (3, 84, 84)
+    assert tasks.summary()["split"].startswith("ravi: 5/3/3")
+    episode = tasks.to("cpu").sample("val", 3, torch.Generator().manual_seed(0))
+    assert episode.support_x.shape == (3, 2, 3, 84, 84) and episode.query_x.shape == (3, 4, 3, 84, 84)
+    # each support image is a normalised image of the class the episode names, with MetaOptNet's statistics
+    c = int(episode.classes[0, 0])
+    raw = torch.from_numpy(expected["val"][store.class_names[c]]).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(mini.MEAN).view(3, 1, 1), torch.tensor(mini.STD).view(3, 1, 1)
+    normalised = (raw - mean) / std
+    assert any(torch.allclose(episode.support_x[0, 0], im, atol=1e-5) for im in normalised)
+
+
+def test_mini_formats_give_the_same_store(tmp_path):
+    write_mini_pickles(tmp_path / "a")
+    pickled = mini_tasks(tmp_path / "a").store
+    if HAVE_H5PY:
+        write_mini_hdf5(tmp_path / "b")
+        other = mini_tasks(tmp_path / "b").store
+        assert other.class_names == pickled.class_names and other.splits_of_class == pickled.splits_of_class
+        assert other.path.read_bytes() == pickled.path.read_bytes()
+
+
+def test_mini_is_decoded_once_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    write_mini_pickles(tmp_path)
+    first = mini_tasks(tmp_path).store
+
+    def no_decode(*args):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(mini, "decode_into", no_decode)
+    again = mini_tasks(tmp_path).store
+    assert again.path == first.path and again.class_names == first.class_names
+    monkeypatch.undo()
+    write_mini_pickles(tmp_path, seed=1)  # a re-download with other content
+    changed = mini_tasks(tmp_path).store
+    assert changed.path != first.path
+    assert changed.path.read_bytes() != first.path.read_bytes()
+
+
+def test_csv_cache_key_follows_the_image_folder(tmp_path):
+    write_mini_csv(tmp_path, per_class=3)
+    first = mini_tasks(tmp_path).store
+    image = sorted((tmp_path / "miniimagenet" / "images").iterdir())[0]
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((84, 84, 3), np.uint8)).save(image, format="JPEG")
+    assert mini_tasks(tmp_path).store.path != first.path
+
+
+def test_mini_tasks_without_files_say_where_they_go(tmp_path):
+    with pytest.raises(DataError, match="no miniImageNet files") as e:
+        mini_tasks(tmp_path)
+    assert "mini-imagenet-cache-train.pkl" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="image_size 84"):
+        mini_tasks(tmp_path, image_size=32)
+
+
+def test_tiered_tasks_unequal_classes_categories_and_residencies(tmp_path):
+    expected, categories = write_tiered_pickles(tmp_path)
+    kw = {"ways": 2, "shots": 1, "queries": 2, "root": str(tmp_path), "cache_dir": str(tmp_path / "cache")}
+    tasks = TieredImageNetTasks(**kw, residency="memmap")
+    store = tasks.store
+    assert store.meta["categories"] == categories
+    assert {store.class_names[i]: int(store.counts[i]) for i in range(len(store.counts))} == \
+        {n: len(v) for d in expected.values() for n, v in d.items()}
+    sizes = {s: len(tasks.split_class_indices[s]) for s in ("train", "val", "test")}
+    assert sizes == {"train": 4, "val": 2, "test": 3}
+    device = TieredImageNetTasks(**kw, residency="device").to("cpu")
+    a = tasks.to("cpu").sample("train", 4, torch.Generator().manual_seed(3))
+    b = device.sample("train", 4, torch.Generator().manual_seed(3))
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    with pytest.raises(DataError, match="smallest tieredImageNet"):
+        TieredImageNetTasks(**{**kw, "queries": 5})

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from PIL import Image
 from rich.progress import MofNCompleteColumn
 
 from metarun.data import safe_pickle
+from metarun.data.images import ImageDataset, ImageTasks
 from metarun.errors import DataError
 from metarun.utils import stop
 from metarun.utils.display import transient_progress
@@ -272,3 +274,88 @@ def decode_into(fmt: str, files: list[Path], writer) -> None:
                 writer.add_class(name, images.transpose(0, 3, 1, 2), split=split)
                 if fmt != "csv":
                     progress.advance(bar)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+def folder_summary(folder: Path) -> dict:
+    """Number, total size and newest change of the files in ``folder``: in the cache key of an image folder,
+    so that replacing images decodes again (cheap: one stat per file, no reading)."""
+    count = size = newest = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file():
+                st = entry.stat()
+                count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    return {"files": count, "bytes": size, "newest": newest}
+
+
+def classes_by_tag(store, title: str) -> dict[str, list[int]]:
+    """Store class indices of each split, from the split tags the decoder gave every class."""
+    out = {s: [] for s in FILE_SPLITS}
+    for i, tag in enumerate(store.splits_of_class):
+        if tag not in out:
+            raise DataError(f"the {title} image store has class {store.class_names[i]} in no split ({tag!r}): "
+                            f"delete the store folder (data.cache_dir) to decode again")
+        out[tag].append(i)
+    return out
+
+
+class MiniImageNet(ImageDataset):
+    """miniImageNet files under ``<root>/miniimagenet/`` in any accepted format (module docstring)."""
+
+    name = "miniimagenet"
+    title = "miniImageNet"
+    channels = 3
+    image_size = IMAGE_SIZE
+    mean, std = MEAN, STD
+    split_names = ("ravi",)  # Ravi & Larochelle's 64/16/20, defined by the files
+
+    format: str | None = None
+
+    def locate(self, download: bool) -> list[Path]:
+        # No official download exists: ``download`` changes nothing, the error says where the files go.
+        self.format, files = find_files(self.root)
+        return files
+
+    def layout(self) -> str:
+        return layout(self.root)
+
+    def cache_key(self) -> dict:
+        key = {**super().cache_key(), "format": self.format}
+        if self.format == "csv":
+            key["images"] = folder_summary(self.root / FOLDER / IMAGES_DIR)
+        return key
+
+    def decode(self, files: list[Path], writer) -> None:
+        decode_into(self.format or find_files(self.root)[0], files, writer)
+
+    def split_classes(self, store) -> dict[str, list[int]]:
+        return classes_by_tag(store, self.title)
+
+
+class MiniImageNetTasks(ImageTasks):
+    """N-way K-shot miniImageNet tasks (Vinyals et al. 2016) on Ravi & Larochelle's 64/16/20 split.
+
+    ``ways``/``shots``/``queries`` set the validation and test tasks, ``train_ways``/``train_shots``/
+    ``train_queries`` (None: the same) the meta-training tasks. The files are read from
+    ``<root>/miniimagenet/`` (no official download exists: a missing file is an error saying what to
+    put where) and decoded once into ``cache_dir`` (None: beside the files, or the user cache).
+    ``residency``, ``memory_share``, ``normalize`` (MetaOptNet's channel statistics) and ``augment`` as
+    for every image dataset (``metarun.data.images.ImageTasks``).
+
+    Usage: ``metarun train data=miniimagenet model=conv4 model.hidden=32``."""
+
+    dataset = MiniImageNet
+
+    def __init__(self, ways: int, shots: int, queries: int, root: str, split: str = "ravi",
+                 cache_dir: str | None = None, download: bool = True, channels: int = 3, image_size: int = IMAGE_SIZE,
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 residency: str = "auto", memory_share: float = 0.5, normalize: bool = True,
+                 augment: tuple[str, ...] = ()):
+        if channels != 3 or image_size != IMAGE_SIZE:
+            raise ValueError(f"miniImageNet is decoded to 3x{IMAGE_SIZE}x{IMAGE_SIZE}: channels must be 3 and "
+                             f"image_size {IMAGE_SIZE}")
+        super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
+                         augment, train_ways, train_shots, train_queries)

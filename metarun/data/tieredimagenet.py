@@ -29,13 +29,14 @@ import numpy as np
 from rich.progress import MofNCompleteColumn
 
 from metarun.data import safe_pickle
+from metarun.data.images import ImageDataset, ImageTasks
 from metarun.data.miniimagenet import (FILE_SPLITS, HDF5, HDF5_EXTRA, HDF5_LABELS, IMAGE_SIZE, MEAN, STD,
-                                       decode_image, have_h5py, load_pickle)
+                                       classes_by_tag, decode_image, have_h5py, load_pickle)
 from metarun.errors import DataError
 from metarun.utils import stop
 from metarun.utils.display import transient_progress
 
-__all__ = ["FOLDER", "MEAN", "STD", "IMAGE_SIZE", "layout", "find_files", "decode_into", "stream_pickled_list"]
+__all__ = ["TieredImageNet", "TieredImageNetTasks", "layout", "find_files", "decode_into", "stream_pickled_list"]
 
 FOLDER = "tieredimagenet"
 TAR_FOLDER = "tiered-imagenet"  # what tiered-imagenet.tar unpacks into
@@ -320,3 +321,64 @@ def decode_into(fmt: str, files: list[Path], writer) -> None:
                                     f"not one tieredImageNet release; download them again")
                 categories[name] = category
     writer.meta["categories"] = categories
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+class TieredImageNet(ImageDataset):
+    """tieredImageNet files under ``<root>/tieredimagenet/`` in either accepted format (module docstring)."""
+
+    name = "tieredimagenet"
+    title = "tieredImageNet"
+    channels = 3
+    image_size = IMAGE_SIZE
+    # MetaOptNet (Lee et al. 2019, data/tiered_imagenet.py) normalises tieredImageNet with miniImageNet's statistics.
+    mean, std = MEAN, STD
+    split_names = ("ren",)  # Ren et al.'s 351/97/160 classes (20/6/8 categories), defined by the files
+
+    format: str | None = None
+
+    def locate(self, download: bool) -> list[Path]:
+        # No official download exists: ``download`` changes nothing, the error says where the files go.
+        self.format, files = find_files(self.root)
+        return files
+
+    def layout(self) -> str:
+        return layout(self.root)
+
+    def cache_key(self) -> dict:
+        return {**super().cache_key(), "format": self.format}
+
+    def decode(self, files: list[Path], writer) -> None:
+        decode_into(self.format or find_files(self.root)[0], files, writer)
+
+    def split_classes(self, store) -> dict[str, list[int]]:
+        return classes_by_tag(store, self.title)
+
+
+class TieredImageNetTasks(ImageTasks):
+    """N-way K-shot tieredImageNet tasks (Ren et al. 2018) on its 351/97/160-class split by category.
+
+    ``ways``/``shots``/``queries`` set the validation and test tasks, ``train_ways``/``train_shots``/
+    ``train_queries`` (None: the same) the meta-training tasks. The files are read from
+    ``<root>/tieredimagenet/`` (no official download exists: a missing file is an error saying what to
+    put where) and decoded once into ``cache_dir`` (None: beside the files, or the user cache); the
+    store (16.5 GB) is read from disk per batch unless it fits in ``memory_share`` of the device.
+    ``residency``, ``normalize`` (MetaOptNet's channel statistics) and ``augment`` as for every image
+    dataset (``metarun.data.images.ImageTasks``). Each class's category is in ``store.meta['categories']``.
+
+    Usage: ``metarun train data=tieredimagenet model=resnet12``."""
+
+    dataset = TieredImageNet
+
+    def __init__(self, ways: int, shots: int, queries: int, root: str, split: str = "ren",
+                 cache_dir: str | None = None, download: bool = True, channels: int = 3, image_size: int = IMAGE_SIZE,
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 residency: str = "auto", memory_share: float = 0.5, normalize: bool = True,
+                 augment: tuple[str, ...] = ()):
+        if channels != 3 or image_size != IMAGE_SIZE:
+            raise ValueError(f"tieredImageNet is decoded to 3x{IMAGE_SIZE}x{IMAGE_SIZE}: channels must be 3 and "
+                             f"image_size {IMAGE_SIZE}")
+        super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
+                         augment, train_ways, train_shots, train_queries)

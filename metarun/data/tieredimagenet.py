@@ -236,8 +236,9 @@ def _decode_class(encoded: list[bytes], source: str) -> np.ndarray:
     return images
 
 
-def _decode_pickles(images_path: Path, labels_path: Path, split: str, writer, progress, bar) -> dict[str, str]:
-    specific, class_names, categories = _labels(labels_path, split)
+def _decode_pickles(images_path: Path, labels_path: Path, split: str, writer, progress, bar,
+                    labels: tuple[np.ndarray, list[str], list[str]]) -> dict[str, str]:
+    specific, class_names, categories = labels
     counts = np.bincount(specific, minlength=len(class_names))
     pending: dict[int, list[bytes]] = {}
     seen = 0
@@ -311,11 +312,17 @@ def decode_into(fmt: str, files: list[Path], writer) -> None:
     (n, 3, 84, 84), and each class's category to ``writer.meta['categories']``."""
     progress = transient_progress(MofNCompleteColumn())
     categories: dict[str, str] = {}
+    labels = None
+    if fmt == "pickle":  # the small label files first: a bad one fails before gigabytes of images are read
+        labels = [_labels(files[i + 3], split) for i, split in enumerate(FILE_SPLITS)]
     with progress:
-        bar = progress.add_task("decoding tieredImageNet", total=None)
+        bar = progress.add_task("decoding tieredImageNet", total=sum(len(x[0]) for x in labels) if labels else None)
         for i, split in enumerate(FILE_SPLITS):
-            read = _decode_pickles if fmt == "pickle" else _decode_hdf5
-            for name, category in read(files[i], files[i + 3], split, writer, progress, bar).items():
+            if fmt == "pickle":
+                written = _decode_pickles(files[i], files[i + 3], split, writer, progress, bar, labels[i])
+            else:
+                written = _decode_hdf5(files[i], files[i + 3], split, writer, progress, bar)
+            for name, category in written.items():
                 if name in categories:
                     raise DataError(f"class {name} is in two splits ({files[i].name} and another): the files are "
                                     f"not one tieredImageNet release; download them again")

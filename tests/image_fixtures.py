@@ -126,7 +126,7 @@ def tiered_classes(seed: int = 0, classes=TIERED_CLASSES, sizes=(3, 5, 4, 6)):
     return out
 
 
-def write_tiered_pickles(root: Path, seed: int = 0, classes=TIERED_CLASSES, protocol: int = 2,
+def write_tiered_pickles(root: Path, seed: int = 0, classes=TIERED_CLASSES, protocol: int | str = 2,
                          names: bool = True, subfolder: str = "", shuffle: bool = False):
     """Ren et al.'s release: ``{split}_images_png.pkl`` (a list of PNG byte arrays) and ``{split}_labels.pkl``
     ({'label_specific', 'label_general', 'label_specific_str', 'label_general_str'}); images sorted by class
@@ -152,9 +152,12 @@ def write_tiered_pickles(root: Path, seed: int = 0, classes=TIERED_CLASSES, prot
             labels["label_specific_str"] = [name for name, _, _ in rows]
             labels["label_general_str"] = cat_names
         with open(folder / f"{split}_images_png.pkl", "wb") as f:
-            pickle.dump([pngs[i] for i in order], f, protocol=protocol)
+            if protocol == "python2":
+                f.write(python2_pickle([pngs[i] for i in order]))
+            else:
+                pickle.dump([pngs[i] for i in order], f, protocol=protocol)
         with open(folder / f"{split}_labels.pkl", "wb") as f:
-            pickle.dump(labels, f, protocol=protocol)
+            pickle.dump(labels, f, protocol=2 if protocol == "python2" else protocol)
         expected[split] = {}
         for c, (name, cat, images) in enumerate(rows):
             key = name if names else f"{split}-{c:03d}"
@@ -199,3 +202,39 @@ class RecordingWriter:
         assert name not in self.classes, name
         self.classes[name] = np.asarray(images)
         self.splits[name] = split
+
+
+def python2_pickle(arrays: list[np.ndarray]) -> bytes:
+    """A list of uint8 arrays pickled as Python 2's cPickle (protocol 2) writes it, as in Ren et al.'s
+    ``{split}_images_png.pkl``: numpy.core.multiarray globals, byte strings as BINSTRING, every object
+    memoised with BINPUT/LONG_BINPUT. (Python 3 cannot write these itself.)"""
+    import struct
+
+    memo = [0]
+
+    def put() -> bytes:
+        memo[0] += 1
+        i = memo[0]
+        return b"q" + bytes([i]) if i < 256 else b"r" + struct.pack("<I", i)
+
+    def short(s: bytes) -> bytes:
+        return b"U" + bytes([len(s)]) + s
+
+    def integer(i: int) -> bytes:
+        return b"K" + bytes([i]) if i < 256 else b"J" + struct.pack("<i", i)
+
+    out = [b"\x80\x02]q\x00"]
+    for start in range(0, len(arrays), 1000):
+        out.append(b"(")
+        for a in arrays[start:start + 1000]:
+            assert a.dtype == np.uint8 and a.ndim == 2
+            out += [b"cnumpy.core.multiarray\n_reconstruct\n", put(), b"cnumpy\nndarray\n", put(),
+                    integer(0), b"\x85", put(), short(b"b"), put(), b"\x87", put(), b"R", put(),
+                    b"(", integer(1), integer(a.shape[0]), integer(a.shape[1]), b"\x86", put(),
+                    b"cnumpy\ndtype\n", put(), short(b"u1"), integer(0), integer(1), b"\x87", put(), b"R", put(),
+                    b"(", integer(3), short(b"|"), b"NNN", b"J\xff\xff\xff\xff", b"J\xff\xff\xff\xff", integer(0),
+                    b"t", put(), b"b", b"\x89", b"T" + struct.pack("<I", a.nbytes) + a.tobytes(), put(),
+                    b"t", put(), b"b"]
+        out.append(b"e")
+    out.append(b".")
+    return b"".join(out)

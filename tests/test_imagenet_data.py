@@ -75,7 +75,7 @@ def test_mini_torchmeta_hdf5(tmp_path):
     assert_same(writer, expected)
 
 
-@pytest.mark.parametrize("kw", [{}, {"protocol": 4}, {"protocol": 5}, {"subfolder": "tiered-imagenet"},
+@pytest.mark.parametrize("kw", [{}, {"protocol": "python2"}, {"protocol": 4}, {"protocol": 5}, {"subfolder": "tiered-imagenet"},
                                 {"shuffle": True}, {"names": False}])
 def test_tiered_png_pickles_with_categories(tmp_path, kw):
     expected, categories = write_tiered_pickles(tmp_path, **kw)

@@ -283,3 +283,44 @@ def test_reading_a_large_store_keeps_host_memory_bounded(tmp_path):
     assert out.returncode == 0, out.stderr
     grown_mb = int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KB on Linux
     assert grown_mb < 150, f"resident memory grew {grown_mb:.0f} MB while reading a 423 MB store"
+
+
+# -- Omniglot on the store -------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["maml", "snell"])
+def test_omniglot_episodes_are_the_same_from_a_file_backed_store(shared_data_root, omniglot_cache_dir, split):
+    from metarun.data.omniglot import OmniglotTasks
+
+    kw = dict(root=str(shared_data_root), cache_dir=str(omniglot_cache_dir), download=False)
+    device = OmniglotTasks(5, 1, 2, split, residency="device", **kw)
+    memmap = OmniglotTasks(5, 1, 2, split, residency="memmap", **kw).to("cpu")
+    assert memmap.store.path is not None and omniglot_cache_dir in memmap.store.path.parents  # written once, in the cache
+    assert memmap.summary()["store"].startswith("memmap, 25.4 MB store read from disk")
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for _ in range(3):
+        a, b = device.sample("train", 4, g1), memmap.sample("train", 4, g2)
+        assert torch.equal(a.support_x, b.support_x) and torch.equal(a.classes, b.classes)
+    a = next(device.fixed_episodes("test", 20, 20, 0))
+    b = next(memmap.fixed_episodes("test", 20, 20, 0))
+    assert torch.equal(a.query_x, b.query_x)
+
+
+# -- the new keys' rules -----------------------------------------------------------------------------
+@pytest.mark.parametrize("override,allowed", [
+    ("data.residency=gpu", "auto, device, memmap"),
+    ("data.memory_share=0", "(0, 1]"),
+    ("data.memory_share=1.5", "(0, 1]"),
+    ("data.augment=[flip,mixup]", "resized_crop, pad_crop, flip, jitter"),
+    ("data.augment=[resized_crop,pad_crop]", "not both"),
+])
+def test_new_data_keys_are_checked_in_one_line(override, allowed):
+    from support import compose_config
+
+    from metarun.errors import MetarunError
+    from metarun.validation import validate_train
+
+    cfg = compose_config([override])
+    with pytest.raises(MetarunError) as e:
+        validate_train(cfg)
+    key = override.split("=")[0]
+    assert str(e.value).startswith(f"{key}=") and allowed in str(e.value) and "\n" not in str(e.value)
+    validate_train(compose_config(["data.residency=memmap", "data.memory_share=1", "data.augment=[flip,jitter]"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ class ImageStore:
         self.residency = "device" if images is not None else "memmap"
         self.reason = "in memory" if images is not None else "read from its file per batch"
         self._fd: int | None = None
+        self._fd_lock = threading.Lock()  # the prefetch thread and the loop may open it first
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
@@ -172,8 +174,9 @@ class ImageStore:
         pin = self.device.type == "cuda"
         out = torch.empty((*index.shape, *self.shape), dtype=torch.uint8, pin_memory=pin)
         rows = out.view(-1, self.image_bytes).numpy()
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
         step = self.image_bytes
         for row, i in zip(rows, index.reshape(-1).tolist()):
             if os.preadv(self._fd, [row], i * step) != step:

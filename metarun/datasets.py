@@ -44,11 +44,26 @@ def data_config(name: str, overrides: list[str]) -> DictConfig:
     bad = [o for o in overrides if not o.startswith("data.") or "=" not in o]
     if bad:
         raise MetarunError(f"'{bad[0]}' is not a data key: metarun data takes data.KEY=VALUE overrides only")
+    from metarun.cli import describe
+
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"data={name}", *overrides])
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[f"data={name}", *overrides])
+    except Exception as e:  # Hydra's and OmegaConf's errors, in the words metarun train would use
+        if not is_user_error(e):
+            raise
+        raise MetarunError(f"data={name}: {describe(e, 'train')}") from None
+    finally:
+        GlobalHydra.instance().clear()
     validate_train(cfg)
     return cfg.data
+
+
+def is_user_error(error: BaseException) -> bool:
+    from metarun.cli import is_user_error as user_error
+
+    return user_error(error)
 
 
 def size_text(nbytes: int | None) -> str:
@@ -60,28 +75,37 @@ def size_text(nbytes: int | None) -> str:
     return f"{nbytes} B"
 
 
-def list_datasets(overrides: list[str]) -> Table:
+def list_datasets(overrides: list[str]) -> tuple[Table, list[str]]:
     from metarun.config import TARGETS
     from metarun.data.images import ImageTasks
 
     table = Table(title="metarun datasets", title_justify="left")
     for column in ("data=", "dataset", "files", "on disk", "decoded", "in memory"):
         table.add_column(column)
-    root = None
+    root, missing = None, []
+    keys = {name: set(data_config(name, []).keys()) for name in TARGETS["data"]}
+    for o in overrides:
+        if not any(o.split("=", 1)[0].removeprefix("data.") in k for k in keys.values()):
+            raise MetarunError(f"unknown key '{o.split('=', 1)[0]}': metarun data list takes data.root and data.cache_dir")
     for name in TARGETS["data"]:
-        cfg = data_config(name, overrides)
+        # data.root and data.cache_dir apply to the datasets that have them (not sinusoid)
+        cfg = data_config(name, [o for o in overrides if o.split("=", 1)[0].removeprefix("data.") in keys[name]])
         tasks = get_class(cfg._target_)
         root = cfg.get("root", root)
         if not issubclass(tasks, ImageTasks):
             table.add_row(name, tasks.__name__.removesuffix("Tasks"), "none (generated)", "-", "-", "-")
             continue
         status = tasks.files_status(OmegaConf.to_container(cfg, resolve=True))
-        files = status.problem or ("verified" if status.verified else "present")
+        if status.problem:
+            files = "missing"
+            missing.append(f"{name}: {status.problem.removeprefix('missing (').removesuffix(')')}")
+        else:
+            files = f"verified ({tasks.dataset.checksum})" if status.verified else "present"
         decoded = "yes" if status.store is not None else "no"
         table.add_row(name, tasks.dataset.title, files, size_text(status.disk_bytes), decoded,
                       size_text(status.memory_bytes))
     table.caption = f"data.root: {root}"
-    return table
+    return table, missing
 
 
 def prepare(name: str, overrides: list[str]) -> str:
@@ -110,7 +134,10 @@ def main(argv: list[str]) -> int:
         return 0
     action, rest = argv[0], argv[1:]
     if action == "list":
-        console().print(list_datasets(rest))
+        table, missing = list_datasets(rest)
+        console().print(table)
+        for line in missing:  # what to put where, in the dataset's own words
+            console().print(f"- {line}", highlight=False, markup=False, soft_wrap=True)
         return 0
     if action == "prepare":
         if not rest or "=" in rest[0]:

@@ -266,6 +266,7 @@ class CIFARFS(ImageDataset):
     image_size = IMAGE_SIZE
     mean, std = MEAN, STD
     split_names = ("bertinetto",)
+    checksum = "md5"  # the official archive's, checked by locate()
     class_splits: ClassVar[dict[str, tuple[str, ...]]] = CIFARFS_SPLITS
     source_folder = CIFAR100_ARCHIVE.folder  # where the files are, and the decoded store beside them
 
@@ -307,6 +308,7 @@ class FC100(CIFARFS):
         # The official archive when it is there; else MetaOptNet's three pickles; else download the archive.
         self.use_pickles = not self.archive().path(self.root).is_file() and all(p.is_file() for p in pickles.values())
         self.source_folder = METAOPTNET_FOLDER if self.use_pickles else CIFAR100_ARCHIVE.folder
+        self.checksummed = not self.use_pickles  # MetaOptNet's pickles have no published checksum
 
     def locate(self, download: bool) -> list[Path]:
         pickles = metaoptnet_paths(self.root)

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import inspect
 import logging
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -58,6 +59,14 @@ def default_store_dir(root: Path, name: str) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "metarun"
 
 
+class FilesStatus(NamedTuple):
+    problem: str | None  # why the files cannot be used (missing, and what to put where); None when found
+    verified: bool  # checked against a published checksum (else checked by content when decoded)
+    disk_bytes: int | None  # the source files
+    store: Path | None  # the decoded store (folder or cache file), None until decoded
+    memory_bytes: int | None  # the decoded store's size in memory
+
+
 class ImageDataset:
     """What one dataset file defines (the 'one small file' per dataset)."""
 
@@ -68,6 +77,7 @@ class ImageDataset:
     mean: ClassVar[tuple[float, ...] | None] = None  # per channel, in [0, 1] units; None: only divide by 255
     std: ClassVar[tuple[float, ...] | None] = None
     split_names: ClassVar[tuple[str, ...]]  # the named splits data.split takes; the first is the default
+    checksum: ClassVar[str | None] = None  # "md5" where locate() verifies the files against a published checksum
 
     def __init__(self, root: Path, split: str, **options):
         self.root, self.split, self.options = Path(root), split, options
@@ -137,10 +147,7 @@ class ImageTasks(TaskSource):
         self.augment = Augment(tuple(augment))
         self.residency, self.memory_share = residency, float(memory_share)
         self.mean, self.std = (self.dataset.mean, self.dataset.std) if normalize else (None, None)
-        self.split_name = split
-        self.root = Path(root).expanduser()
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
-        self.data = self.dataset(self.root, split, **dataset_options)
+        self._set_source(root, split, cache_dir, dataset_options)
         self.store = self.load_store(download)
         self.settings = {"train": train, "val": (ways, shots, queries), "test": (ways, shots, queries)}
         self.split_class_indices = {name: torch.as_tensor(c, dtype=torch.long)
@@ -152,6 +159,44 @@ class ImageTasks(TaskSource):
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending = None  # (drawn indices, future of their host images): the next training batch
 
+    def _set_source(self, root: str, split: str, cache_dir: str | None, dataset_options: dict) -> None:
+        """Where the files and the store are: all that ``files_status`` needs, before anything is read."""
+        self.split_name = split
+        self.root = Path(root).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.data = self.dataset(self.root, split, **dataset_options)
+
+    @classmethod
+    def files_status(cls, data: dict) -> FilesStatus:
+        """What ``metarun data list`` says of the files behind ``data`` (a ``data=NAME`` config as a dict):
+        found and verified, their size, and whether they are decoded, without downloading or decoding."""
+        accepted = inspect.signature(cls.dataset.__init__).parameters
+        options = {k: data[k] for k in accepted if k not in ("self", "root", "split") and k in data}
+        tasks = cls.__new__(cls)  # not a task source: only where its files and store are
+        split = data.get("split") or cls.dataset.split_names[0]
+        tasks._set_source(data["root"], split, data.get("cache_dir"), options)
+        try:
+            files = tasks.data.locate(download=False)
+        except DataError as e:
+            return FilesStatus(problem=f"missing ({e})", verified=False, disk_bytes=None, store=None,
+                               memory_bytes=None)
+        disk = sum(Path(f).stat().st_size for f in files)
+        store, nbytes = tasks.decoded(files)
+        return FilesStatus(None, cls.dataset.checksum is not None and getattr(tasks.data, "checksummed", True),
+                           disk, store, nbytes)
+
+    def decoded(self, files: list[Path]) -> tuple[Path | None, int | None]:
+        """The store decoded from ``files`` and its size in memory, or (None, None) if not decoded yet."""
+        folder = store_folder(self.store_dir(), self.dataset.name, self.store_key(files))
+        try:
+            return folder, ImageStore.open(folder).nbytes
+        except DataError:
+            return None, None
+
+    def store_key(self, files: list[Path]) -> dict:
+        """What the decoded store depends on: the files' content, the split and the decoding options."""
+        return {"sources": fingerprint(files), "split": self.split_name, **self.data.cache_key()}
+
     # -- hooks a dataset's tasks class may override ----------------------------------------------
     def store_dir(self) -> Path:
         """The folder holding this dataset's store folders."""
@@ -161,7 +206,7 @@ class ImageTasks(TaskSource):
         """The dataset's store: opened from the cache, or decoded into it once (a stale or half-written
         store folder is never used: it is decoded again)."""
         files = self.data.locate(download)
-        key = {"sources": fingerprint(files), "split": self.split_name, **self.data.cache_key()}
+        key = self.store_key(files)
         folder = store_folder(self.store_dir(), self.dataset.name, key)
         if folder.exists():
             try:

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 
 from metarun.data.images import ImageDataset, ImageTasks
-from metarun.data.omniglot_files import (ARCHIVE_NAMES, IMAGE_SIZE, OFFICIAL_URL, default_cache_dir,
-                                         find_or_download_archives, load_omniglot)
+from metarun.data.omniglot_files import (ARCHIVES, ARCHIVE_NAMES, IMAGE_SIZE, IMAGES_PER_CHARACTER, OFFICIAL_URL,
+                                         cache_file_name, default_cache_dir, find_or_download_archives, load_omniglot)
 from metarun.data.sampler import ClassTaskSampler
 from metarun.data.store import ImageStore
 from metarun.data.tasks import SPLITS
@@ -147,6 +147,13 @@ class OmniglotTasks(ImageTasks):
         characters, per_class = data.images.shape[:2]
         return ImageStore.from_tensor(data.images.reshape(characters * per_class, 1, *data.images.shape[2:]),
                                       [per_class] * characters, data.characters)
+
+    def decoded(self, files):
+        # Omniglot's own cache file, keyed by the archives' content (validated when they were decoded).
+        path = self.store_dir() / cache_file_name(dict(zip(ARCHIVE_NAMES, files)))
+        characters = sum(ARCHIVES[name].characters for name in ARCHIVE_NAMES)
+        nbytes = characters * IMAGES_PER_CHARACTER * IMAGE_SIZE * IMAGE_SIZE
+        return (path, nbytes) if path.is_file() else (None, None)
 
     def split_classes(self):
         self.split_def = omniglot_splits(self.split_name, self.alphabets, self.background)

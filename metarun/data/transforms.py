@@ -24,13 +24,14 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """``x`` (..., C, H, W) in [0, 1] less the channel ``mean``, over the channel ``std`` (None: unchanged)."""
+def normalize(x: torch.Tensor, mean, std, inplace: bool = False) -> torch.Tensor:
+    """``x`` (..., C, H, W) in [0, 1] less the channel ``mean``, over the channel ``std`` (None: unchanged);
+    ``inplace`` overwrites ``x`` (a fresh batch) instead of making two more copies of it."""
     if mean is None:
         return x
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std) if inplace else (x - mean) / std
 
 
 class Augment:

@@ -234,6 +234,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="metarun-bench-data-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         Synthetic.size = args.size
         start = time.perf_counter()

@@ -198,6 +198,18 @@ def sparse_store(folder: Path, images: int, classes: int) -> None:
     (folder / cache.INDEX_FILE).write_text(json.dumps(index))
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM where Linux has it: ru_maxrss also counts the
+    parent's memory at the fork that started this process (Linux keeps it across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
 def tiered_memory_child(folder: Path, device_name: str, batches: int) -> None:
     """Runs in a child process: sample ``batches`` training batches from the file-backed store, print peak RSS."""
     from metarun.data.sampler import ClassTaskSampler
@@ -214,7 +226,7 @@ def tiered_memory_child(folder: Path, device_name: str, batches: int) -> None:
         x = store.gather(sampler.classes[slots], positions)
         x = x.float() / 255.0
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+    peak = peak_rss()
     print(json.dumps({"peak_bytes": peak, "store_bytes": store.nbytes, "batches": batches, "seconds": seconds}))
 
 

@@ -338,9 +338,7 @@ class FC100(CIFARFS):
 
 class _CIFARTasks(ImageTasks):
     def __init__(self, *args, channels: int, image_size: int, **kwargs):
-        if channels != 3 or image_size != IMAGE_SIZE:
-            raise ValueError(f"{self.dataset.title} is decoded to 3x{IMAGE_SIZE}x{IMAGE_SIZE}: channels must be 3 "
-                             f"and image_size {IMAGE_SIZE}")
+        self.check_image_shape(channels, image_size)
         super().__init__(*args, **kwargs)
 
     def store_dir(self) -> Path:

@@ -159,6 +159,14 @@ class ImageTasks(TaskSource):
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending = None  # (drawn indices, future of their host images): the next training batch
 
+    def check_image_shape(self, channels: int, image_size: int) -> None:
+        """A dataset is decoded at one size: ``data.channels`` and ``data.image_size`` (which the model's
+        input follows) must say that size."""
+        d = self.dataset
+        if (channels, image_size) != (d.channels, d.image_size):
+            raise ValueError(f"{d.title} is decoded to {d.channels}x{d.image_size}x{d.image_size}: channels must be "
+                             f"{d.channels} and image_size {d.image_size}")
+
     def _set_source(self, root: str, split: str, cache_dir: str | None, dataset_options: dict) -> None:
         """Where the files and the store are: all that ``files_status`` needs, before anything is read."""
         self.split_name = split

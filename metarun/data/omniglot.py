@@ -131,8 +131,7 @@ class OmniglotTasks(ImageTasks):
                  augment: tuple[str, ...] = ()):
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-        if image_size != IMAGE_SIZE or channels != 1:
-            raise ValueError("Omniglot is decoded to 1x28x28: channels must be 1 and image_size 28")
+        self.check_image_shape(channels, image_size)
         self.url = url
         super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
                          augment, train_ways, train_shots, train_queries, url=url)

@@ -384,8 +384,6 @@ class TieredImageNetTasks(ImageTasks):
                  train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
                  residency: str = "auto", memory_share: float = 0.5, normalize: bool = True,
                  augment: tuple[str, ...] = ()):
-        if channels != 3 or image_size != IMAGE_SIZE:
-            raise ValueError(f"tieredImageNet is decoded to 3x{IMAGE_SIZE}x{IMAGE_SIZE}: channels must be 3 and "
-                             f"image_size {IMAGE_SIZE}")
+        self.check_image_shape(channels, image_size)
         super().__init__(ways, shots, queries, root, split, cache_dir, download, residency, memory_share, normalize,
                          augment, train_ways, train_shots, train_queries)

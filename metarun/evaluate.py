@@ -63,6 +63,11 @@ def run_config(cfg: DictConfig, run: DictConfig) -> DictConfig:
     for key in ("root", "cache_dir", "download", "url"):  # only where the data has files (not sinusoid)
         if key in run.data and not (key == "url" and cfg.data.url is None):
             run.data[key] = cfg.data[key]
+    if cfg.data.get("residency") is not None:  # where this machine keeps the store: same episodes either way
+        if "residency" not in run.data:
+            raise MetarunError(f"data.residency does not apply to {run.data._target_.rsplit('.', 1)[-1]} "
+                               f"(it has no image store): leave it out")
+        run.data.residency = cfg.data.residency
     for key in ("eval_inner_steps", "batching"):
         if cfg.algo[key] is not None:
             if key not in run.algo:

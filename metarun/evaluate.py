@@ -86,7 +86,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     load_state(algo, state["algo"], path, "algorithm (network and meta-learned parameters)")
     algo.tuned_batching = state.get("batching") if state.get("batching") in ("loop", "vmap") else None  # auto: the path the run took
     write_hydra_record(run_dir, cfg)  # the evaluation is accepted from here on
-    log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks")
+    store = data.summary().get("store")  # where the image store lives (data.residency) and its size
+    log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks"
+             + (f"  store: {store}" if store else ""))
     with progress_bar() as progress:
         test = meta_test(algo, data, "test", run.test.episodes, cfg.batch_size, algo.eval_inner_steps,
                          run.test.eval_seed, progress)

@@ -186,6 +186,7 @@ class EvalDataConfig:
     cache_dir: Optional[str] = None
     url: Optional[str] = None  # null: as in the checkpoint
     download: bool = True
+    residency: Optional[str] = None  # auto, device or memmap; null: as in the checkpoint (image datasets only)
 
 
 @dataclass

@@ -57,6 +57,10 @@ def data_config(name: str, overrides: list[str]) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     validate_train(cfg)
+    for key in ("root", "cache_dir"):  # '' would silently mean the current folder
+        if key in cfg.data and cfg.data[key] is not None and not str(cfg.data[key]).strip():
+            raise MetarunError(f"data.{key} is empty: give a folder (data.{key}=DIR)"
+                               + (" or set METARUN_DATA_DIR" if key == "root" else ""))
     return cfg.data
 
 
@@ -83,10 +87,10 @@ def list_datasets(overrides: list[str]) -> tuple[Table, list[str]]:
     for column in ("data=", "dataset", "files", "on disk", "decoded", "in memory"):
         table.add_column(column)
     root, missing = None, []
-    keys = {name: set(data_config(name, []).keys()) for name in TARGETS["data"]}
     for o in overrides:
-        if not any(o.split("=", 1)[0].removeprefix("data.") in k for k in keys.values()):
-            raise MetarunError(f"unknown key '{o.split('=', 1)[0]}': metarun data list takes data.root and data.cache_dir")
+        if o.split("=", 1)[0] not in ("data.root", "data.cache_dir") or "=" not in o:
+            raise MetarunError(f"'{o}' is not taken by metarun data list: it takes data.root=DIR and data.cache_dir=DIR")
+    keys = {name: set(data_config(name, []).keys()) for name in TARGETS["data"]}
     for name in TARGETS["data"]:
         # data.root and data.cache_dir apply to the datasets that have them (not sinusoid)
         cfg = data_config(name, [o for o in overrides if o.split("=", 1)[0].removeprefix("data.") in keys[name]])
@@ -116,20 +120,29 @@ def prepare(name: str, overrides: list[str]) -> str:
     tasks = get_class(cfg._target_)
     if not issubclass(tasks, ImageTasks):
         return f"{name}: nothing to prepare (its tasks are generated)"
+    # Only the store is prepared: the run's task sizes (data.shots=20 on a fixture of 6 images a class) are
+    # checked by the run itself, so prepare builds the smallest tasks and never places the store in memory.
+    for key in ("train_ways", "train_shots", "train_queries"):
+        if key in cfg:
+            cfg[key] = None
+    cfg.ways, cfg.shots, cfg.queries = 2, 1, 1
+    data = OmegaConf.to_container(cfg, resolve=True)
+    already = tasks.files_status(data).store is not None
     start = time.perf_counter()
     source = build(cfg)  # finds or downloads, verifies, and decodes into the cache once
     seconds = time.perf_counter() - start
-    status = tasks.files_status(OmegaConf.to_container(cfg, resolve=True))
-    facts = "  ".join(f"{k}: {v}" for k, v in source.summary().items() if k in ("split",))
+    status = tasks.files_status(data)
+    classes = "/".join(str(len(source.split_class_indices[s])) for s in ("train", "val", "test"))
+    done = "already decoded" if already else "decoded"
     where = f" in {status.store}" if status.store is not None else ""
-    return (f"{tasks.dataset.title} ready in {seconds:.1f} s: {size_text(status.memory_bytes)} decoded{where}"
-            + (f"  {facts}" if facts else ""))
+    return (f"{tasks.dataset.title} ready in {seconds:.1f} s: {size_text(status.memory_bytes)} {done}{where}  "
+            f"split: {source.split_name}: {classes} train/val/test classes")
 
 
 def main(argv: list[str]) -> int:
     from metarun.utils.display import console
 
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv or any(a in ("-h", "--help") for a in argv) or argv[0] == "help":
         print(USAGE, end="")
         return 0
     action, rest = argv[0], argv[1:]

@@ -63,6 +63,11 @@ def run_config(cfg: DictConfig, run: DictConfig) -> DictConfig:
     for key in ("root", "cache_dir", "download", "url"):  # only where the data has files (not sinusoid)
         if key in run.data and not (key == "url" and cfg.data.url is None):
             run.data[key] = cfg.data[key]
+    if cfg.data.get("residency") is not None:  # where this machine keeps the store: same episodes either way
+        if "residency" not in run.data:
+            raise MetarunError(f"data.residency does not apply to {run.data._target_.rsplit('.', 1)[-1]} "
+                               f"(it has no image store): leave it out")
+        run.data.residency = cfg.data.residency
     for key in ("eval_inner_steps", "batching"):
         if cfg.algo[key] is not None:
             if key not in run.algo:
@@ -81,7 +86,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     load_state(algo, state["algo"], path, "algorithm (network and meta-learned parameters)")
     algo.tuned_batching = state.get("batching") if state.get("batching") in ("loop", "vmap") else None  # auto: the path the run took
     write_hydra_record(run_dir, cfg)  # the evaluation is accepted from here on
-    log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks")
+    store = data.summary().get("store")  # where the image store lives (data.residency) and its size
+    log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks"
+             + (f"  store: {store}" if store else ""))
     with progress_bar() as progress:
         test = meta_test(algo, data, "test", run.test.episodes, cfg.batch_size, algo.eval_inner_steps,
                          run.test.eval_seed, progress)

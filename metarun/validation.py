@@ -195,6 +195,7 @@ TRAIN_RULES: dict[str, Rule] = {
 
 EVAL_RULES: dict[str, Rule] = {
     "batch_size": COUNT,
+    "data.residency": one_of(*RESIDENCIES),
     **COMMON_RULES,
 }
 

@@ -17,6 +17,7 @@ from metarun.utils.runtime import build
 from support import compose_config, group_options, omniglot_location, read_metrics
 
 EXPERIMENTS = group_options("experiment")
+IMAGE_DATA = ("miniimagenet", "tieredimagenet", "cifarfs")  # tests/conftest.py generates their files
 
 
 def parse(name: str) -> tuple[str, str, str]:
@@ -66,11 +67,21 @@ def test_experiment_is_named_after_the_options_it_chooses(name):
     assert (choices.algo, choices.data) == (algo, data)
 
 
+def data_location(data: str, request: pytest.FixtureRequest) -> list[str]:
+    """Where an experiment's data option finds its files: Omniglot needs the real archives (the test skips
+    without them); the image datasets read small generated files in their real formats, so their
+    experiments run in a fresh clone; the sinusoid needs no files."""
+    if data == "omniglot":
+        return omniglot_location(request.getfixturevalue("shared_data_root"), request.getfixturevalue("omniglot_cache_dir"))
+    if data in IMAGE_DATA:
+        return [f"data.root={request.getfixturevalue('image_data_root')}", "data.download=false"]
+    return []
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_dir):
+def test_experiment_composes_and_builds(name, request):
     algo_name, data_name, setting = parse(name)
-    where = omniglot_location(shared_data_root, omniglot_cache_dir) if data_name == "omniglot" else []
-    cfg = compose_config([f"experiment={name}", *where])
+    cfg = compose_config([f"experiment={name}", *data_location(data_name, request)])
     device, data, algo = build_experiment(cfg)
     # The class its name's algo option builds (maml_fc and fomaml: MAML; reptile_transductive: Reptile).
     assert type(algo).__name__ == compose_config([f"algo={algo_name}"]).algo._target_.rsplit(".", 1)[1]
@@ -88,10 +99,10 @@ def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_d
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_takes_a_meta_training_step(name, shared_data_root, omniglot_cache_dir):
+def test_experiment_takes_a_meta_training_step(name, request):
     # The training tasks can differ from the test tasks (train_ways, train_shots, train_queries):
     # one real meta-iteration on them, with a narrow network to keep it cheap.
-    where = omniglot_location(shared_data_root, omniglot_cache_dir) if parse(name)[1] == "omniglot" else []
+    where = data_location(parse(name)[1], request)
     small = ["model.hidden=8"] if isinstance(compose_config([f"experiment={name}"]).model.get("hidden"), int) else []
     cfg = compose_config([f"experiment={name}", *small, *where])
     _, data, algo = build_experiment(cfg)

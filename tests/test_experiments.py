@@ -78,6 +78,11 @@ def data_location(data: str, request: pytest.FixtureRequest) -> list[str]:
     return []
 
 
+def tasks_per_batch(data: str) -> int:
+    # Two tasks check the batching; one 84x84 task (or 32x32 with 15 queries a class) is cost enough.
+    return 1 if data in IMAGE_DATA else 2
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_builds(name, request):
     algo_name, data_name, setting = parse(name)
@@ -88,7 +93,7 @@ def test_experiment_composes_and_builds(name, request):
     optimizer = build(cfg.optimizer)(algo.parameters())
     build(cfg.scheduler)(optimizer)
     assert optimizer.param_groups[0]["lr"] == cfg.train.meta_lr
-    episode = data.sample("test", 2, torch.Generator().manual_seed(0))
+    episode = data.sample("test", tasks_per_batch(data_name), torch.Generator().manual_seed(0))
     if ways_shots := re.fullmatch(r"(\d+)w(\d+)s", setting):  # classification: 5w1s
         ways, shots = (int(v) for v in ways_shots.groups())
         assert (cfg.data.ways, cfg.data.shots) == (ways, shots) == (episode.ways, episode.shots)
@@ -102,14 +107,17 @@ def test_experiment_composes_and_builds(name, request):
 def test_experiment_takes_a_meta_training_step(name, request):
     # The training tasks can differ from the test tasks (train_ways, train_shots, train_queries):
     # one real meta-iteration on them, with a narrow network to keep it cheap.
-    where = data_location(parse(name)[1], request)
-    small = ["model.hidden=8"] if isinstance(compose_config([f"experiment={name}"]).model.get("hidden"), int) else []
-    cfg = compose_config([f"experiment={name}", *small, *where])
+    data_name = parse(name)[1]
+    chosen = compose_config([f"experiment={name}"])
+    small = ["model.hidden=8"] if isinstance(chosen.model.get("hidden"), int) else []
+    if data_name in IMAGE_DATA and (chosen.data.train_queries is None or chosen.data.train_queries > 2):
+        small.append("data.train_queries=2")  # 84x84 images: 15 queries a class cost seconds, test the same path
+    cfg = compose_config([f"experiment={name}", *small, *data_location(data_name, request)])
     _, data, algo = build_experiment(cfg)
     optimizer = build(cfg.optimizer)(algo.parameters())
     scheduler = build(cfg.scheduler)(optimizer)
     before = [p.detach().clone() for p in algo.parameters()]
-    loss, metrics = algo.meta_loss(data.sample("train", 2, torch.Generator().manual_seed(0)), 0)
+    loss, metrics = algo.meta_loss(data.sample("train", tasks_per_batch(data_name), torch.Generator().manual_seed(0)), 0)
     loss.backward()
     optimizer.step()
     scheduler.step()

@@ -29,34 +29,64 @@ def parse(name: str) -> tuple[str, str, str]:
     return algo, data, setting
 
 
-# docs/protocols.md's method names (its Omniglot table rows, parentheses dropped) -> config name prefixes.
+# docs/protocols.md's method names (its table rows, parentheses dropped) -> config name prefixes.
 METHODS = {"MAML, Conv4": "maml", "MAML, fully connected": "maml_fc", "first-order MAML + transduction": "fomaml",
            "Reptile": "reptile", "Reptile + transduction": "reptile_transductive", "Meta-SGD": "metasgd",
            "MAML++": "mamlpp", "Prototypical Networks": "protonet", "Matching Networks": "matchingnet", "ANIL": "anil",
-           "MAML": "maml"}  # the last: the sinusoid table's column
+           "MAML": "maml",  # the sinusoid table's column
+           # miniImageNet, and the Conv4 baselines on tieredImageNet and CIFAR-FS
+           "MAML, Conv4 with 32 filters": "maml", "first-order MAML": "fomaml",
+           "ProtoNets, trained 30-way / 20-way": "protonet", "ProtoNets, trained 5-way": "protonet_train5w",
+           "ProtoNets, Conv4 with 64 filters": "protonet",
+           "Matching Networks with FCE, as re-run by Ravi & Larochelle": "matchingnet"}
+DATA_SETS = {"miniImageNet": "miniimagenet", "tieredImageNet": "tieredimagenet", "CIFAR-FS": "cifarfs"}
+COLUMNS = {"1-shot": "5w1s", "5-shot": "5w5s"}  # the 5-way tables' columns; Omniglot's are named 5w1s, 20w5s
 PROTOCOLS = Path(__file__).resolve().parents[1] / "docs" / "protocols.md"  # in the repository: a clone has it
 
 
-def protocol_settings(text: str) -> list[str]:
-    """The config names docs/protocols.md calls for: every Omniglot table cell with a published number
-    (columns like 5w1s), and MAML and Meta-SGD at every K of the sinusoid comparison."""
-    omniglot = text.split("## Omniglot", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in omniglot.splitlines()
+def section(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_settings(table: str, data: str | None = None) -> list[str]:
+    """``<method>_<data>_<setting>`` for every cell of ``table`` (a section of docs/protocols.md) holding a
+    published number; the data set is ``data``, or the row's "data set" cell."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()
             if line.startswith("|") and not line.startswith("|---")]
-    header, names = rows[0], []
-    for method, *cells in rows[1:]:
-        prefix = METHODS[re.sub(r"\s*\(.*?\)", "", method)]  # a new method in docs/protocols.md fails here
-        names += [f"{prefix}_omniglot_{column}" for column, cell in zip(header[1:], cells) if cell not in ("–", "-", "")]
-    sinusoid = text.split("## Sinusoid", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for row in rows[1:]:
+        cells = dict(zip(rows[0], row))
+        where = data or DATA_SETS[cells.pop("data set")]
+        prefix = METHODS[re.sub(r"\s*\(.*?\)", "", cells.pop("method"))]  # a new method in the doc fails here
+        names += [f"{prefix}_{where}_{COLUMNS.get(column, column)}" for column, cell in cells.items()
+                  if re.search(r"\d", cell)]
+    return names
+
+
+def protocol_settings(text: str) -> dict[str, list[str]]:
+    """The config names docs/protocols.md calls for, by section: every Omniglot, miniImageNet and Conv4
+    baseline table cell with a published number, and MAML and Meta-SGD at every K of the sinusoid comparison."""
+    sinusoid = section(text, "Sinusoid")
     columns = next(line for line in sinusoid.splitlines() if line.startswith("| K |")).strip().strip("|").split("|")[1:]
-    names += [f"{METHODS[c.strip()]}_sinusoid_k{k}" for c in columns for k in sorted(set(re.findall(r"K=(\d+)", sinusoid)))]
-    return sorted(names)
+    return {
+        "Omniglot": table_settings(section(text, "Omniglot"), "omniglot"),
+        "Sinusoid": [f"{METHODS[c.strip()]}_sinusoid_k{k}" for c in columns
+                     for k in sorted(set(re.findall(r"K=(\d+)", sinusoid)))],
+        "miniImageNet": table_settings(section(text, "miniImageNet"), "miniimagenet"),
+        "Conv4 baselines on tieredImageNet and CIFAR-FS": table_settings(
+            section(text, "Conv4 baselines on tieredImageNet and CIFAR-FS")),
+    }
 
 
 def test_every_setting_of_protocols_md_has_a_config():
-    wanted = protocol_settings(PROTOCOLS.read_text(encoding="utf-8"))
-    assert len(wanted) >= 40  # the parser found the tables
-    assert wanted == EXPERIMENTS
+    by_section = protocol_settings(PROTOCOLS.read_text(encoding="utf-8"))
+    # The parser found every table: 36 Omniglot cells, MAML and Meta-SGD at three K, 10 methods x 2
+    # settings on miniImageNet, 2 methods x 2 settings x 2 data sets of Conv4 baselines.
+    assert {title: len(names) for title, names in by_section.items()} == {
+        "Omniglot": 36, "Sinusoid": 6, "miniImageNet": 20, "Conv4 baselines on tieredImageNet and CIFAR-FS": 8}
+    wanted = [name for names in by_section.values() for name in names]
+    assert len(set(wanted)) == len(wanted), "two cells of docs/protocols.md map to one config name"
+    assert sorted(wanted) == EXPERIMENTS  # no config without its cell, no cell without its config
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -23,7 +23,7 @@ IMAGE_DATA = ("miniimagenet", "tieredimagenet", "cifarfs")  # tests/conftest.py 
 def parse(name: str) -> tuple[str, str, str]:
     """An experiment's name, ``<algo option>[_<variant>]_<data option>_<setting>`` (maml_fc_omniglot_5w1s):
     its algo and data options, read against the groups' own options, and its setting (5w1s, k10)."""
-    data = next(d for d in group_options("data") if f"_{d}_" in name)
+    [data] = [d for d in group_options("data") if f"_{d}_" in name]  # exactly one data option
     prefix, setting = name.split(f"_{data}_")
     algo = max((a for a in group_options("algo") if prefix == a or prefix.startswith(f"{a}_")), key=len)
     return algo, data, setting
@@ -87,6 +87,18 @@ def test_every_setting_of_protocols_md_has_a_config():
     wanted = [name for names in by_section.values() for name in names]
     assert len(set(wanted)) == len(wanted), "two cells of docs/protocols.md map to one config name"
     assert sorted(wanted) == EXPERIMENTS  # no config without its cell, no cell without its config
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("protonet_train5w_miniimagenet_5w1s", ("protonet", "miniimagenet", "5w1s")),  # a variant, not an algo option
+    ("reptile_transductive_omniglot_20w5s", ("reptile", "omniglot", "20w5s")),
+    ("maml_fc_omniglot_5w1s", ("maml", "omniglot", "5w1s")),
+    ("fomaml_miniimagenet_5w5s", ("fomaml", "miniimagenet", "5w5s")),  # the longest algo option that fits
+    ("maml_tieredimagenet_5w1s", ("maml", "tieredimagenet", "5w1s")),
+    ("metasgd_sinusoid_k20", ("metasgd", "sinusoid", "k20")),
+])
+def test_experiment_names_are_parsed_into_their_options(name, expected):
+    assert parse(name) == expected
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -181,6 +193,30 @@ def test_reptile_transduction_changes_only_the_batch_norm_mode(setting):
                               "data.split": "mamlpp", "algo.lslr": True}),
     ("maml_sinusoid_k10", {"algo.inner_lr": 0.01, "train.meta_batch_size": 25, "train.iterations": 70000,
                            "data.shots": 10, "model.hidden": [40, 40]}),
+    # miniImageNet (docs/protocols.md, "What each paper did"): MAML's 32-filter max-pooling Conv4, inner lr
+    # 0.01, 5 steps in training and 10 at test, 4 tasks (1-shot) or 2 (5-shot), 15 queries, Ravi's split.
+    ("maml_miniimagenet_5w1s", {"model.hidden": 32, "model.variant": "maxpool", "algo.inner_lr": 0.01,
+                                "algo.inner_steps": 5, "algo.eval_inner_steps": 10, "train.meta_batch_size": 4,
+                                "data.queries": 15, "data.image_size": 84, "data.split": "ravi",
+                                "test.episodes": 600, "train.iterations": 60000}),
+    ("maml_miniimagenet_5w5s", {"train.meta_batch_size": 2, "data.shots": 5, "model.hidden": 32}),
+    # ProtoNets: 1600-d embedding of the 64-filter Conv4, trained 30-way (1-shot) / 20-way (5-shot), or 5-way.
+    ("protonet_miniimagenet_5w1s", {"data.train_ways": 30, "data.queries": 15, "data.train_queries": None,
+                                    "model.hidden": 64, "model.out_features": None, "scheduler.step_size": 2000,
+                                    "test.episodes": 600}),
+    ("protonet_miniimagenet_5w5s", {"data.train_ways": 20, "data.shots": 5}),
+    ("protonet_train5w_miniimagenet_5w1s", {"data.train_ways": None, "data.ways": 5, "model.hidden": 64}),
+    # Reptile: 15 training shots, inner batch 10, 8 inner iterations; 50 at test, 10,000 tasks, one query.
+    ("reptile_miniimagenet_5w1s", {"algo.inner_iterations": 8, "data.train_shots": 15, "data.queries": 1,
+                                   "data.train_queries": 0, "algo.inner_batch_size": 10, "algo.eval_inner_steps": 50,
+                                   "algo.inner_betas": [0.0, 0.999], "test.episodes": 10000,
+                                   "train.meta_batch_size": 5, "train.meta_lr": 1.0, "model.hidden": 32}),
+    # MAML++: 48 filters, 2 tasks, inner lr 0.01, cosine meta lr down to 1e-5.
+    ("mamlpp_miniimagenet_5w1s", {"model.hidden": 48, "train.meta_batch_size": 2, "algo.inner_lr": 0.01,
+                                  "algo.lslr": True, "scheduler.eta_min": 1e-5}),
+    # The Conv4 baselines: MAML's and Snell et al.'s miniImageNet settings at each data set's image size.
+    ("maml_tieredimagenet_5w1s", {"model.hidden": 32, "algo.inner_lr": 0.01, "data.image_size": 84}),
+    ("protonet_cifarfs_5w5s", {"data.train_ways": 20, "data.image_size": 32, "data.queries": 15}),
 ])
 def test_experiment_holds_the_papers_values(name, expected):
     cfg = compose_config([f"experiment={name}"])

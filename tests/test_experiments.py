@@ -93,7 +93,7 @@ def test_every_setting_of_protocols_md_has_a_config():
     ("protonet_train5w_miniimagenet_5w1s", ("protonet", "miniimagenet", "5w1s")),  # a variant, not an algo option
     ("reptile_transductive_omniglot_20w5s", ("reptile", "omniglot", "20w5s")),
     ("maml_fc_omniglot_5w1s", ("maml", "omniglot", "5w1s")),
-    ("fomaml_miniimagenet_5w5s", ("fomaml", "miniimagenet", "5w5s")),  # the longest algo option that fits
+    ("mamlpp_miniimagenet_5w5s", ("mamlpp", "miniimagenet", "5w5s")),  # an algo option, not maml's variant
     ("maml_tieredimagenet_5w1s", ("maml", "tieredimagenet", "5w1s")),
     ("metasgd_sinusoid_k20", ("metasgd", "sinusoid", "k20")),
 ])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from metarun.data.official_archive import OfficialArchive
 from metarun.data.omniglot_files import ARCHIVES, OmniglotImages, load_omniglot
 
 
@@ -70,7 +71,7 @@ class GeneratedImageData:
     and the CIFAR-100 archive spec that accepts the generated archive (its md5 is not the official one)."""
 
     root: Path
-    cifar100_archive: object
+    cifar100_archive: OfficialArchive
 
 
 @pytest.fixture(scope="session")

@@ -17,45 +17,88 @@ from metarun.utils.runtime import build
 from support import compose_config, group_options, omniglot_location, read_metrics
 
 EXPERIMENTS = group_options("experiment")
+IMAGE_DATA = ("miniimagenet", "tieredimagenet", "cifarfs")  # tests/conftest.py generates their files
 
 
 def parse(name: str) -> tuple[str, str, str]:
     """An experiment's name, ``<algo option>[_<variant>]_<data option>_<setting>`` (maml_fc_omniglot_5w1s):
     its algo and data options, read against the groups' own options, and its setting (5w1s, k10)."""
-    data = next(d for d in group_options("data") if f"_{d}_" in name)
+    [data] = [d for d in group_options("data") if f"_{d}_" in name]  # exactly one data option
     prefix, setting = name.split(f"_{data}_")
     algo = max((a for a in group_options("algo") if prefix == a or prefix.startswith(f"{a}_")), key=len)
     return algo, data, setting
 
 
-# docs/protocols.md's method names (its Omniglot table rows, parentheses dropped) -> config name prefixes.
+# docs/protocols.md's method names (its table rows, parentheses dropped) -> config name prefixes.
 METHODS = {"MAML, Conv4": "maml", "MAML, fully connected": "maml_fc", "first-order MAML + transduction": "fomaml",
            "Reptile": "reptile", "Reptile + transduction": "reptile_transductive", "Meta-SGD": "metasgd",
            "MAML++": "mamlpp", "Prototypical Networks": "protonet", "Matching Networks": "matchingnet", "ANIL": "anil",
-           "MAML": "maml"}  # the last: the sinusoid table's column
+           "MAML": "maml",  # the sinusoid table's column
+           # miniImageNet, and the Conv4 baselines on tieredImageNet and CIFAR-FS
+           "MAML, Conv4 with 32 filters": "maml", "first-order MAML": "fomaml",
+           "ProtoNets, trained 30-way / 20-way": "protonet", "ProtoNets, trained 5-way": "protonet_train5w",
+           "ProtoNets, Conv4 with 64 filters": "protonet",
+           "Matching Networks with FCE, as re-run by Ravi & Larochelle": "matchingnet"}
+DATA_SETS = {"miniImageNet": "miniimagenet", "tieredImageNet": "tieredimagenet", "CIFAR-FS": "cifarfs"}
+COLUMNS = {"1-shot": "5w1s", "5-shot": "5w5s"}  # the 5-way tables' columns; Omniglot's are named 5w1s, 20w5s
 PROTOCOLS = Path(__file__).resolve().parents[1] / "docs" / "protocols.md"  # in the repository: a clone has it
 
 
-def protocol_settings(text: str) -> list[str]:
-    """The config names docs/protocols.md calls for: every Omniglot table cell with a published number
-    (columns like 5w1s), and MAML and Meta-SGD at every K of the sinusoid comparison."""
-    omniglot = text.split("## Omniglot", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in omniglot.splitlines()
+def section(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_settings(table: str, data: str | None = None) -> list[str]:
+    """``<method>_<data>_<setting>`` for every cell of ``table`` (a section of docs/protocols.md) holding a
+    published number; the data set is ``data``, or the row's "data set" cell."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()
             if line.startswith("|") and not line.startswith("|---")]
-    header, names = rows[0], []
-    for method, *cells in rows[1:]:
-        prefix = METHODS[re.sub(r"\s*\(.*?\)", "", method)]  # a new method in docs/protocols.md fails here
-        names += [f"{prefix}_omniglot_{column}" for column, cell in zip(header[1:], cells) if cell not in ("–", "-", "")]
-    sinusoid = text.split("## Sinusoid", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for row in rows[1:]:
+        cells = dict(zip(rows[0], row))
+        where = data or DATA_SETS[cells.pop("data set")]
+        prefix = METHODS[re.sub(r"\s*\(.*?\)", "", cells.pop("method"))]  # a new method in the doc fails here
+        names += [f"{prefix}_{where}_{COLUMNS.get(column, column)}" for column, cell in cells.items()
+                  if re.search(r"\d", cell)]
+    return names
+
+
+def protocol_settings(text: str) -> dict[str, list[str]]:
+    """The config names docs/protocols.md calls for, by section: every Omniglot, miniImageNet and Conv4
+    baseline table cell with a published number, and MAML and Meta-SGD at every K of the sinusoid comparison."""
+    sinusoid = section(text, "Sinusoid")
     columns = next(line for line in sinusoid.splitlines() if line.startswith("| K |")).strip().strip("|").split("|")[1:]
-    names += [f"{METHODS[c.strip()]}_sinusoid_k{k}" for c in columns for k in sorted(set(re.findall(r"K=(\d+)", sinusoid)))]
-    return sorted(names)
+    return {
+        "Omniglot": table_settings(section(text, "Omniglot"), "omniglot"),
+        "Sinusoid": [f"{METHODS[c.strip()]}_sinusoid_k{k}" for c in columns
+                     for k in sorted(set(re.findall(r"K=(\d+)", sinusoid)))],
+        "miniImageNet": table_settings(section(text, "miniImageNet"), "miniimagenet"),
+        "Conv4 baselines on tieredImageNet and CIFAR-FS": table_settings(
+            section(text, "Conv4 baselines on tieredImageNet and CIFAR-FS")),
+    }
 
 
 def test_every_setting_of_protocols_md_has_a_config():
-    wanted = protocol_settings(PROTOCOLS.read_text(encoding="utf-8"))
-    assert len(wanted) >= 40  # the parser found the tables
-    assert wanted == EXPERIMENTS
+    by_section = protocol_settings(PROTOCOLS.read_text(encoding="utf-8"))
+    # The parser found every table: 36 Omniglot cells, MAML and Meta-SGD at three K, 10 methods x 2
+    # settings on miniImageNet, 2 methods x 2 settings x 2 data sets of Conv4 baselines.
+    assert {title: len(names) for title, names in by_section.items()} == {
+        "Omniglot": 36, "Sinusoid": 6, "miniImageNet": 20, "Conv4 baselines on tieredImageNet and CIFAR-FS": 8}
+    wanted = [name for names in by_section.values() for name in names]
+    assert len(set(wanted)) == len(wanted), "two cells of docs/protocols.md map to one config name"
+    assert sorted(wanted) == EXPERIMENTS  # no config without its cell, no cell without its config
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("protonet_train5w_miniimagenet_5w1s", ("protonet", "miniimagenet", "5w1s")),  # a variant, not an algo option
+    ("reptile_transductive_omniglot_20w5s", ("reptile", "omniglot", "20w5s")),
+    ("maml_fc_omniglot_5w1s", ("maml", "omniglot", "5w1s")),
+    ("mamlpp_miniimagenet_5w5s", ("mamlpp", "miniimagenet", "5w5s")),  # an algo option, not maml's variant
+    ("maml_tieredimagenet_5w1s", ("maml", "tieredimagenet", "5w1s")),
+    ("metasgd_sinusoid_k20", ("metasgd", "sinusoid", "k20")),
+])
+def test_experiment_names_are_parsed_into_their_options(name, expected):
+    assert parse(name) == expected
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -66,18 +109,33 @@ def test_experiment_is_named_after_the_options_it_chooses(name):
     assert (choices.algo, choices.data) == (algo, data)
 
 
+def data_location(data: str, request: pytest.FixtureRequest) -> list[str]:
+    """Where an experiment's data option finds its files: Omniglot needs the real archives (the test skips
+    without them); the image datasets read small generated files in their real formats, so their
+    experiments run in a fresh clone; the sinusoid needs no files."""
+    if data == "omniglot":
+        return omniglot_location(request.getfixturevalue("shared_data_root"), request.getfixturevalue("omniglot_cache_dir"))
+    if data in IMAGE_DATA:
+        return [f"data.root={request.getfixturevalue('image_data_root')}", "data.download=false"]
+    return []
+
+
+def tasks_per_batch(data: str) -> int:
+    # Two tasks check the batching; one 84x84 task (or 32x32 with 15 queries a class) is cost enough.
+    return 1 if data in IMAGE_DATA else 2
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_dir):
+def test_experiment_composes_and_builds(name, request):
     algo_name, data_name, setting = parse(name)
-    where = omniglot_location(shared_data_root, omniglot_cache_dir) if data_name == "omniglot" else []
-    cfg = compose_config([f"experiment={name}", *where])
+    cfg = compose_config([f"experiment={name}", *data_location(data_name, request)])
     device, data, algo = build_experiment(cfg)
     # The class its name's algo option builds (maml_fc and fomaml: MAML; reptile_transductive: Reptile).
     assert type(algo).__name__ == compose_config([f"algo={algo_name}"]).algo._target_.rsplit(".", 1)[1]
     optimizer = build(cfg.optimizer)(algo.parameters())
     build(cfg.scheduler)(optimizer)
     assert optimizer.param_groups[0]["lr"] == cfg.train.meta_lr
-    episode = data.sample("test", 2, torch.Generator().manual_seed(0))
+    episode = data.sample("test", tasks_per_batch(data_name), torch.Generator().manual_seed(0))
     if ways_shots := re.fullmatch(r"(\d+)w(\d+)s", setting):  # classification: 5w1s
         ways, shots = (int(v) for v in ways_shots.groups())
         assert (cfg.data.ways, cfg.data.shots) == (ways, shots) == (episode.ways, episode.shots)
@@ -88,17 +146,20 @@ def test_experiment_composes_and_builds(name, shared_data_root, omniglot_cache_d
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_takes_a_meta_training_step(name, shared_data_root, omniglot_cache_dir):
+def test_experiment_takes_a_meta_training_step(name, request):
     # The training tasks can differ from the test tasks (train_ways, train_shots, train_queries):
     # one real meta-iteration on them, with a narrow network to keep it cheap.
-    where = omniglot_location(shared_data_root, omniglot_cache_dir) if parse(name)[1] == "omniglot" else []
-    small = ["model.hidden=8"] if isinstance(compose_config([f"experiment={name}"]).model.get("hidden"), int) else []
-    cfg = compose_config([f"experiment={name}", *small, *where])
+    data_name = parse(name)[1]
+    chosen = compose_config([f"experiment={name}"])
+    small = ["model.hidden=8"] if isinstance(chosen.model.get("hidden"), int) else []
+    if data_name in IMAGE_DATA and (chosen.data.train_queries is None or chosen.data.train_queries > 2):
+        small.append("data.train_queries=2")  # 84x84 images: 15 queries a class cost seconds, test the same path
+    cfg = compose_config([f"experiment={name}", *small, *data_location(data_name, request)])
     _, data, algo = build_experiment(cfg)
     optimizer = build(cfg.optimizer)(algo.parameters())
     scheduler = build(cfg.scheduler)(optimizer)
     before = [p.detach().clone() for p in algo.parameters()]
-    loss, metrics = algo.meta_loss(data.sample("train", 2, torch.Generator().manual_seed(0)), 0)
+    loss, metrics = algo.meta_loss(data.sample("train", tasks_per_batch(data_name), torch.Generator().manual_seed(0)), 0)
     loss.backward()
     optimizer.step()
     scheduler.step()
@@ -132,6 +193,30 @@ def test_reptile_transduction_changes_only_the_batch_norm_mode(setting):
                               "data.split": "mamlpp", "algo.lslr": True}),
     ("maml_sinusoid_k10", {"algo.inner_lr": 0.01, "train.meta_batch_size": 25, "train.iterations": 70000,
                            "data.shots": 10, "model.hidden": [40, 40]}),
+    # miniImageNet (docs/protocols.md, "What each paper did"): MAML's 32-filter max-pooling Conv4, inner lr
+    # 0.01, 5 steps in training and 10 at test, 4 tasks (1-shot) or 2 (5-shot), 15 queries, Ravi's split.
+    ("maml_miniimagenet_5w1s", {"model.hidden": 32, "model.variant": "maxpool", "algo.inner_lr": 0.01,
+                                "algo.inner_steps": 5, "algo.eval_inner_steps": 10, "train.meta_batch_size": 4,
+                                "data.queries": 15, "data.image_size": 84, "data.split": "ravi",
+                                "test.episodes": 600, "train.iterations": 60000}),
+    ("maml_miniimagenet_5w5s", {"train.meta_batch_size": 2, "data.shots": 5, "model.hidden": 32}),
+    # ProtoNets: 1600-d embedding of the 64-filter Conv4, trained 30-way (1-shot) / 20-way (5-shot), or 5-way.
+    ("protonet_miniimagenet_5w1s", {"data.train_ways": 30, "data.queries": 15, "data.train_queries": None,
+                                    "model.hidden": 64, "model.out_features": None, "scheduler.step_size": 2000,
+                                    "test.episodes": 600}),
+    ("protonet_miniimagenet_5w5s", {"data.train_ways": 20, "data.shots": 5}),
+    ("protonet_train5w_miniimagenet_5w1s", {"data.train_ways": None, "data.ways": 5, "model.hidden": 64}),
+    # Reptile: 15 training shots, inner batch 10, 8 inner iterations; 50 at test, 10,000 tasks, one query.
+    ("reptile_miniimagenet_5w1s", {"algo.inner_iterations": 8, "data.train_shots": 15, "data.queries": 1,
+                                   "data.train_queries": 0, "algo.inner_batch_size": 10, "algo.eval_inner_steps": 50,
+                                   "algo.inner_betas": [0.0, 0.999], "test.episodes": 10000,
+                                   "train.meta_batch_size": 5, "train.meta_lr": 1.0, "model.hidden": 32}),
+    # MAML++: 48 filters, 2 tasks, inner lr 0.01, cosine meta lr down to 1e-5.
+    ("mamlpp_miniimagenet_5w1s", {"model.hidden": 48, "train.meta_batch_size": 2, "algo.inner_lr": 0.01,
+                                  "algo.lslr": True, "scheduler.eta_min": 1e-5}),
+    # The Conv4 baselines: MAML's and Snell et al.'s miniImageNet settings at each data set's image size.
+    ("maml_tieredimagenet_5w1s", {"model.hidden": 32, "algo.inner_lr": 0.01, "data.image_size": 84}),
+    ("protonet_cifarfs_5w5s", {"data.train_ways": 20, "data.image_size": 32, "data.queries": 15}),
 ])
 def test_experiment_holds_the_papers_values(name, expected):
     cfg = compose_config([f"experiment={name}"])

@@ -19,6 +19,8 @@ COMMANDS = {
     "eval": ("metarun.evaluate", "meta-test a saved checkpoint: metarun eval ckpt=PATH [test.episodes=N]"),
     "data": ("metarun.datasets", "the datasets on disk, and getting one there: metarun data list | prepare NAME"),
 }
+# Commands that are no Hydra job (no run directory, no sweep): their module's main(argv) runs as it is.
+PLAIN_COMMANDS = ("data",)
 
 USAGE = f"""usage: metarun COMMAND [overrides] [hydra flags]
 
@@ -93,7 +95,7 @@ def completion_command(argv: list[str]) -> str | None:
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
     command_word_done = len(words) >= 3 or (len(words) == 2 and line[-1:].isspace())
-    if len(words) >= 2 and words[1] == "data" and command_word_done:  # not a Hydra command: its two actions
+    if len(words) >= 2 and words[1] in PLAIN_COMMANDS and command_word_done:  # not a Hydra command: its actions
         print("list prepare" if len(words) == 2 or (len(words) == 3 and not line[-1:].isspace()) else "")
         return None
     if len(words) >= 2 and words[1] in COMMANDS and command_word_done:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["metarun", *argv[1:]]  # the name Hydra's shell completion registers
     jobs.record.reset()
     try:
-        if command == "data":  # no run and no Hydra job: a plain command over the data configs
+        if command in PLAIN_COMMANDS:
             return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
         if command == "train":
             from metarun.resume import with_run_overrides

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from metarun.cli import COMMANDS
+from metarun.cli import COMMANDS, PLAIN_COMMANDS
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
 from metarun.utils import jobs
@@ -80,7 +80,7 @@ def test_hydra_raises_only_for_the_call_and_jobs_see_the_users_environment(monke
     assert os.environ[jobs.FULL_ERROR] == "0"
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in PLAIN_COMMANDS])
 def test_every_command_registers_the_job_results_beside_the_run_directory(command):
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name=command):
         callbacks = compose(config_name=command, return_hydra_config=True).hydra.callbacks

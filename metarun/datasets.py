@@ -71,12 +71,9 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def size_text(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
+    from metarun.data.store import size_text as text
+
+    return "-" if nbytes is None else text(nbytes)
 
 
 def list_datasets(overrides: list[str]) -> tuple[Table, list[str]]:
@@ -101,8 +98,8 @@ def list_datasets(overrides: list[str]) -> tuple[Table, list[str]]:
             continue
         status = tasks.files_status(OmegaConf.to_container(cfg, resolve=True))
         if status.problem:
-            files = "missing"
-            missing.append(f"{name}: {status.problem.removeprefix('missing (').removesuffix(')')}")
+            files, reason = listed_problem(name, status.problem, tasks.dataset.downloads)
+            missing.append(f"{name}: {reason}")
         else:
             files = f"verified ({tasks.dataset.checksum})" if status.verified else "present"
         decoded = "yes" if status.store is not None else "no"
@@ -110,6 +107,19 @@ def list_datasets(overrides: list[str]) -> tuple[Table, list[str]]:
                       size_text(status.memory_bytes))
     table.caption = f"data.root: {root}"
     return table, missing
+
+
+def listed_problem(name: str, problem: str, downloads: bool) -> tuple[str, str]:
+    """The files column (``missing`` or ``unusable``) and the note under the table for a dataset whose files
+    cannot be used. The data layer words its errors for a run; ``list`` never downloads, so where a run
+    would say ``data.download is false``, the note says what downloads it."""
+    missing = " is missing" in problem or problem.startswith(("no ", "missing "))
+    for said, meant in ((" and data.download is false", ""), (", or set data.download=true", ""),
+                        (" or set data.download=true", "")):
+        problem = problem.replace(said, meant)
+    if missing and downloads:
+        problem += f" (metarun data prepare {name} downloads it)"
+    return ("missing" if missing else "unusable"), problem
 
 
 def prepare(name: str, overrides: list[str]) -> str:

@@ -237,3 +237,29 @@ def test_cifar_archive_is_listed_verified_and_metaoptnet_fc100_present(tmp_path,
     listing = render(datasets.list_datasets([f"data.root={with_pickles}"])[0])
     assert row(listing, "fc100")[2] == "present"  # MetaOptNet's pickles have no published checksum
     assert row(listing, "cifarfs")[2] == "missing"
+
+
+def test_a_bad_archive_is_listed_unusable_and_a_missing_one_says_what_downloads_it(tmp_path, monkeypatch):
+    bad = cifar.CIFAR100_ARCHIVE.path(tmp_path)
+    bad.parent.mkdir(parents=True)
+    bad.write_text("<!DOCTYPE html><html>quota exceeded</html>")  # what file-sharing hosts return
+    table, notes = datasets.list_datasets([f"data.root={tmp_path}"])
+    listing = render(table)
+    assert row(listing, "cifarfs")[2] == "unusable" and row(listing, "cub")[2] == "missing"
+    (cifar_note,) = [n for n in notes if n.startswith("cifarfs:")]
+    assert "HTML" in cifar_note
+    (cub_note,) = [n for n in notes if n.startswith("cub:")]
+    # list never downloads: it names what does, not the data.download key it set itself
+    assert "metarun data prepare cub downloads it" in cub_note and "data.download" not in cub_note
+    (mini_note,) = [n for n in notes if n.startswith("miniimagenet:")]
+    assert "no official download" in mini_note and "prepare" not in mini_note
+
+
+def test_list_counts_the_image_folder_of_ravis_csv_layout(tmp_path):
+    from image_fixtures import write_mini_csv
+
+    write_mini_csv(tmp_path)
+    images = sum(p.stat().st_size for p in (tmp_path / "miniimagenet" / "images").iterdir())
+    csvs = sum((tmp_path / "miniimagenet" / f"{s}.csv").stat().st_size for s in ("train", "val", "test"))
+    listing = render(datasets.list_datasets([f"data.root={tmp_path}"])[0])
+    assert row(listing, "miniimagenet")[3] == datasets.size_text(images + csvs)

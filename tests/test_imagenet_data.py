@@ -361,3 +361,26 @@ def test_tiered_tasks_unequal_classes_categories_and_residencies(tmp_path):
     assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
     with pytest.raises(DataError, match="smallest tieredImageNet"):
         TieredImageNetTasks(**{**kw, "queries": 5})
+
+
+def test_class_dict_indices_that_are_not_integers_are_refused(tmp_path):
+    # 0.5 would silently become image 0 (and "3" image 3): a class_dict of anything but integers is broken.
+    import pickle
+
+    folder = tmp_path / "miniimagenet"
+    folder.mkdir()
+    images = np.zeros((4, 84, 84, 3), np.uint8)
+    path = folder / "mini-imagenet-cache-train.pkl"
+    path.write_bytes(pickle.dumps({"image_data": images, "class_dict": {"n01": [0.5, 1.7]}}))
+    with pytest.raises(DataError, match="not a list of image indices"):
+        list(mini.read_pickle(path))
+
+
+def test_a_truncated_pickle_says_so():
+    import pickle
+
+    data = pickle.dumps({"image_data": np.zeros((2, 84, 84, 3), np.uint8)})
+    with pytest.raises(DataError, match="is truncated .*download it again"):
+        from metarun.data import safe_pickle
+
+        safe_pickle.loads(data[: len(data) // 2], "x.pkl")

@@ -146,7 +146,7 @@ def test_store_folder_and_fingerprint_follow_content(tmp_path):
 def test_residency_choice_is_automatic_forced_and_explained(tmp_path):
     store = ImageStore.open(write_store(tmp_path / "s"))
     assert store.place("cpu", "auto", 0.5) and store.residency == "device" and store.images is not None
-    assert "fits in data.memory_share=0.5" in store.describe() and "KB" in store.describe()
+    assert "fits in data.memory_share=0.5" in store.describe() and "kB" in store.describe()
     reason = store.place("cpu", "memmap")
     assert store.residency == "memmap" and store.images is None and "data.residency=memmap" in reason
     store.place("cpu", "auto", memory_share=1e-12)

@@ -267,6 +267,7 @@ class CIFARFS(ImageDataset):
     mean, std = MEAN, STD
     split_names = ("bertinetto",)
     checksum = "md5"  # the official archive's, checked by locate()
+    downloads = True
     class_splits: ClassVar[dict[str, tuple[str, ...]]] = CIFARFS_SPLITS
     source_folder = CIFAR100_ARCHIVE.folder  # where the files are, and the decoded store beside them
 

@@ -297,6 +297,7 @@ class CUB(ImageDataset):
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     split_names = SPLIT_NAMES
     checksum = "md5"  # the official archive's, checked by locate()
+    downloads = True
 
     def __init__(self, root: Path, split: str, crop: bool = False):
         super().__init__(root, split, crop=bool(crop))

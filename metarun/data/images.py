@@ -78,6 +78,7 @@ class ImageDataset:
     std: ClassVar[tuple[float, ...] | None] = None
     split_names: ClassVar[tuple[str, ...]]  # the named splits data.split takes; the first is the default
     checksum: ClassVar[str | None] = None  # "md5" where locate() verifies the files against a published checksum
+    downloads: ClassVar[bool] = False  # locate(download=True) fetches the files from an official source
 
     def __init__(self, root: Path, split: str, **options):
         self.root, self.split, self.options = Path(root), split, options
@@ -90,6 +91,10 @@ class ImageDataset:
     def layout(self) -> str:
         """The expected files under root, in words, for errors, README, ``metarun data``."""
         raise NotImplementedError
+
+    def disk_bytes(self, files: list[Path]) -> int:
+        """The size of the dataset's files on disk (``metarun data list``)."""
+        return sum(Path(f).stat().st_size for f in files)
 
     def cache_key(self) -> dict:
         """Options that change the decoded images ({"crop": True}); sizes included."""
@@ -186,9 +191,8 @@ class ImageTasks(TaskSource):
         try:
             files = tasks.data.locate(download=False)
         except DataError as e:
-            return FilesStatus(problem=f"missing ({e})", verified=False, disk_bytes=None, store=None,
-                               memory_bytes=None)
-        disk = sum(Path(f).stat().st_size for f in files)
+            return FilesStatus(problem=str(e), verified=False, disk_bytes=None, store=None, memory_bytes=None)
+        disk = tasks.data.disk_bytes(files)
         store, nbytes = tasks.decoded(files)
         return FilesStatus(None, cls.dataset.checksum is not None and getattr(tasks.data, "checksummed", True),
                            disk, store, nbytes)
@@ -221,6 +225,12 @@ class ImageTasks(TaskSource):
                 return ImageStore.open(folder)
             except DataError as e:
                 log.warning(f"{e}; decoding {self.dataset.title} again")
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission, a path that cannot exist
+            why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror or e
+            raise DataError(f"cannot make the cache folder {folder.parent} ({why}): set data.cache_dir to a writable "
+                            f"folder") from None
         log.info(f"decoding {self.dataset.title} once into {folder}")
         size = self.dataset.image_size
         with StoreWriter(folder, self.dataset.channels, size, size, meta={"dataset": self.dataset.name, **key}) as writer:

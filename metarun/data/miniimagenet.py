@@ -141,7 +141,10 @@ def read_pickle(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise DataError(f"{path}: 'class_dict' should be a non-empty dict {{wnid: [image indices]}}; download it again")
     for name in sorted(classes, key=str):
         try:
-            index = np.asarray(classes[name], dtype=np.int64).reshape(-1)
+            raw = np.asarray(classes[name]).reshape(-1)
+            if raw.dtype.kind not in "iu":  # 0.5 or "3" would be cut or parsed into another image
+                raise TypeError(raw.dtype)
+            index = raw.astype(np.int64)
         except (TypeError, ValueError):
             raise DataError(f"{path}: 'class_dict'[{name!r}] is not a list of image indices; download it again") from None
         if len(index) == 0:
@@ -330,6 +333,10 @@ class MiniImageNet(ImageDataset):
 
     def decode(self, files: list[Path], writer) -> None:
         decode_into(self.format or find_files(self.root)[0], files, writer)
+
+    def disk_bytes(self, files: list[Path]) -> int:
+        images = folder_summary(self.root / FOLDER / IMAGES_DIR)["bytes"] if self.format == "csv" else 0
+        return super().disk_bytes(files) + images  # the csv files name the images, which are the bulk
 
     def split_classes(self, store) -> dict[str, list[int]]:
         return classes_by_tag(store, self.title)

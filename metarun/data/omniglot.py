@@ -75,6 +75,7 @@ class Omniglot(ImageDataset):
     name, title, channels, image_size = "omniglot", "Omniglot", 1, IMAGE_SIZE
     mean = std = None  # ink on a blank page: only divided by 255, as every Omniglot paper does
     split_names = SPLIT_NAMES
+    downloads = True  # from the official repository, verified by md5 and git blob id
 
     def __init__(self, root: Path, split: str, url: str = OFFICIAL_URL):
         super().__init__(root, split)

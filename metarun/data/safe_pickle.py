@@ -50,6 +50,8 @@ def loads(data: bytes, source: str | Path, encoding: str = "ASCII") -> Any:
     try:
         return _NumpyOnly(io.BytesIO(data), encoding=encoding).load()
     except pickle.UnpicklingError as e:
+        if "truncated" in str(e):
+            raise DataError(f"{source} is truncated (a cut-off download or copy): download it again") from None
         raise DataError(f"{source} is not a plain data pickle: {e}") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
             UnicodeDecodeError, zipfile.BadZipFile, OverflowError) as e:

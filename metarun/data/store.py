@@ -27,7 +27,7 @@ _LOAD_CHUNK = 256 << 20  # bytes per read when a file-backed store is loaded ont
 
 def size_text(nbytes: int) -> str:
     """``25.4 MB``, ``16.5 GB``: decimal units, as disk sizes are quoted."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
     return f"{nbytes} B"

@@ -114,10 +114,22 @@ def algorithm_name(algo: DictConfig) -> str:
     return name
 
 
+def _dataset_title(target: str) -> str | None:
+    """The title an image dataset gives itself (``miniImageNet``, ``CUB-200-2011``), for metarun's own classes."""
+    from metarun.config import TARGETS
+
+    if target not in TARGETS["data"].values():  # never import what a config names unless metarun builds it
+        return None
+    from hydra.utils import get_class
+
+    dataset = getattr(get_class(target), "dataset", None)
+    return getattr(dataset, "title", None)
+
+
 def task_description(data: DictConfig) -> str:
     """``Omniglot 5-way 1-shot`` or ``sinusoid 10-shot``: the test tasks' data, ways and shots."""
     cls = str(data.get("_target_", "")).rsplit(".", 1)[-1]
-    name = {"OmniglotTasks": "Omniglot", "SinusoidTasks": "sinusoid"}.get(cls, cls.removesuffix("Tasks"))
+    name = {"SinusoidTasks": "sinusoid"}.get(cls) or _dataset_title(str(data.get("_target_", ""))) or cls.removesuffix("Tasks")
     ways = f"{data.ways}-way " if data.get("ways") is not None else ""
     return f"{name} {ways}{data.get('shots')}-shot".strip()
 

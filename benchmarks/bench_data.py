@@ -172,11 +172,13 @@ def image_folder(folder: Path) -> tuple[torch.utils.data.Dataset, str]:
 
 
 def time_image_folder(dataset, device, batches: int, rounds: int, workers: int) -> float:
+    # One loader whose workers live across rounds (persistent_workers), as in a training run: worker start-up
+    # is not counted; the first round warms the workers and the page cache up.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=EpisodeBatches(dataset.targets, batches),
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
     rates = []
-    for r in range(rounds + 1):  # the first round warms the workers and the page cache up
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=EpisodeBatches(dataset.targets, batches, seed=r),
-                                             num_workers=workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=False)
+    for r in range(rounds + 1):
         start = time.perf_counter()
         for x, _ in loader:
             x = x.to(device, non_blocking=True).view(META_BATCH, WAYS, SHOTS + QUERIES, *x.shape[1:])
@@ -210,24 +212,45 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def tiered_memory_child(folder: Path, device_name: str, batches: int) -> None:
-    """Runs in a child process: sample ``batches`` training batches from the file-backed store, print peak RSS."""
-    from metarun.data.sampler import ClassTaskSampler
-    from metarun.data.store import ImageStore
+class SparseTiered(ImageDataset):
+    """The sparse tieredImageNet-sized store, split into train/val/test classes by position."""
 
-    store = ImageStore.open(folder)
-    device = resolve_device(device_name)
-    store.place(device, "memmap")
-    sampler = ClassTaskSampler(torch.arange(len(store.counts)), store.counts, WAYS, SHOTS, QUERIES)
+    name, title, channels, image_size = "bench-tiered", "generated tieredImageNet", 3, 84
+    mean, std = MEAN, STD
+    split_names = ("ren",)
+
+    def split_classes(self, store):
+        n = len(store.counts)
+        return {"train": list(range(0, n - 2 * (n // 4))), "val": list(range(n - 2 * (n // 4), n - n // 4)),
+                "test": list(range(n - n // 4, n))}
+
+
+class SparseTieredTasks(ImageTasks):
+    dataset = SparseTiered
+    folder: Path
+
+    def __init__(self, root: str):
+        super().__init__(WAYS, SHOTS, QUERIES, root, residency="memmap")
+
+    def load_store(self, download):
+        from metarun.data.store import ImageStore
+
+        return ImageStore.open(self.folder)
+
+
+def tiered_memory_child(folder: Path, device_name: str, batches: int) -> None:
+    """Runs in a child process: ``batches`` training batches from the file-backed store as a run draws them
+    (ImageTasks: prefetch thread, normalisation), then print the process's peak resident memory."""
+    SparseTieredTasks.folder = folder
+    tasks = SparseTieredTasks(str(folder)).to(resolve_device(device_name))
     generator = task_generator("train", 0)
     start = time.perf_counter()
     for _ in range(batches):
-        slots, positions = sampler.draw(META_BATCH, generator)
-        x = store.gather(sampler.classes[slots], positions)
-        x = x.float() / 255.0
+        episode = tasks.sample("train", META_BATCH, generator)
+    episode.query_x.sum().item()
     seconds = time.perf_counter() - start
-    peak = peak_rss()
-    print(json.dumps({"peak_bytes": peak, "store_bytes": store.nbytes, "batches": batches, "seconds": seconds}))
+    print(json.dumps({"peak_bytes": peak_rss(), "store_bytes": tasks.store.nbytes, "batches": batches,
+                      "seconds": seconds, "store": tasks.store.describe()}))
 
 
 def main() -> None:
@@ -277,8 +300,8 @@ def main() -> None:
             raise SystemExit(f"tiered memory run failed: {child.stderr.strip().splitlines()[-1:]}")
         result = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"tieredImageNet-sized memmap store ({images:,} images, {result['store_bytes'] / 1e9:.1f} GB, sparse file): "
-              f"peak host memory {result['peak_bytes'] / 1e9:.2f} GB over {result['batches']} meta-batches "
-              f"({result['batches'] * META_BATCH / result['seconds']:.0f} episodes/s)")
+              f"peak host memory {result['peak_bytes'] / 1e9:.2f} GB over {result['batches']} training meta-batches "
+              f"({result['batches'] * META_BATCH / result['seconds']:.0f} episodes/s; {result['store']})")
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

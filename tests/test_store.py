@@ -174,6 +174,21 @@ def test_both_residencies_give_identical_episodes(root):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_both_residencies_on_cuda_match_the_cpu_and_read_through_pinned_memory(root):
+    cpu = tasks(root, residency="device")
+    on_gpu = tasks(root, residency="device").to("cuda")
+    from_file = tasks(root, residency="memmap").to("cuda")
+    assert on_gpu.store.images.is_cuda and from_file.store.images is None
+    assert "of cuda memory" in tasks(root).to("cuda").summary()["store"]  # auto sizes it against the GPU
+    assert from_file.store.read(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, 1, dtype=torch.long)).is_pinned()
+    gens = [torch.Generator().manual_seed(0) for _ in range(3)]
+    for _ in range(4):  # prefetched batches included
+        a, b, c = (t.sample("train", 3, g) for t, g in zip((cpu, on_gpu, from_file), gens))
+        assert b.support_x.is_cuda and c.support_x.is_cuda
+        assert torch.equal(a.support_x, b.support_x.cpu()) and torch.equal(a.query_x, c.query_x.cpu())
+
+
 def test_prefetch_survives_a_changed_stream(root):
     memmap, device = tasks(root, residency="memmap"), tasks(root, residency="device")
     g = torch.Generator().manual_seed(1)

@@ -112,6 +112,29 @@ def test_a_failed_or_killed_write_leaves_no_store(tmp_path):
     assert not stale.exists() and ImageStore.open(folder).counts.tolist() == COUNTS
 
 
+def test_a_killed_writers_folder_is_removed_at_once_and_a_live_ones_is_kept(tmp_path):
+    # A killed decode of tieredImageNet leaves up to 16.5 GB: the next writer removes it at once, told by the
+    # dead writer's free lock, not after the 15 minutes that guard folders without one.
+    folder = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from metarun.data.cache import StoreWriter
+        w = StoreWriter({str(folder)!r}, 3, 8, 8).__enter__()
+        w.add_class("a", np.zeros((3, 3, 8, 8), np.uint8))
+        os._exit(9)  # killed mid-decode: no __exit__
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    (killed,) = tmp_path.glob(".s.*.tmp")
+    live = StoreWriter(tmp_path / "s", 3, 8, 8).__enter__()  # a concurrent writer still at work
+    try:
+        write_store(folder)
+        assert not killed.exists() and ImageStore.open(folder).counts.tolist() == COUNTS
+        assert live._tmp.exists()  # its lock is held: never removed under it
+    finally:
+        live.add_class("b", class_images(1, 2))
+        live.__exit__(None, None, None)
+
+
 def test_an_unfinished_or_inconsistent_store_is_refused_in_one_line(tmp_path):
     folder = write_store(tmp_path / "s")
     with open(folder / IMAGES_FILE, "ab") as f:

@@ -9,6 +9,7 @@ take for a finished one; the next writer removes the stale temporary folder.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -55,8 +56,28 @@ def _newest_mtime(folder: Path) -> float:
     return max(times)
 
 
+WRITER_LOCK = ".writer.lock"  # flocked by the writer of a temporary store folder for as long as it lives
+
+
+def _writer_gone(tmp: Path) -> bool | None:
+    """Whether the writer of ``tmp`` has died (its lock is free), or None where it left no lock to ask."""
+    try:
+        fd = os.open(tmp / WRITER_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_stale_store_temps(folder: Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """Temporary folders of writers of ``folder`` killed before they finished (untouched for ``older_than`` s)."""
+    """Temporary folders of writers of ``folder`` that were killed before they finished: at once where the
+    writer's lock is free (a killed tieredImageNet decode leaves up to 16.5 GB), else once untouched for
+    ``older_than`` s."""
     removed = []
     cutoff = time.time() - older_than
     try:
@@ -65,7 +86,10 @@ def remove_stale_store_temps(folder: Path, older_than: float = STALE_TEMP_SECOND
         return removed
     for tmp in candidates:
         try:
-            if tmp.is_dir() and not tmp.is_symlink() and _newest_mtime(tmp) < cutoff:
+            if not tmp.is_dir() or tmp.is_symlink():
+                continue
+            gone = _writer_gone(tmp)
+            if gone or (gone is None and _newest_mtime(tmp) < cutoff):
                 shutil.rmtree(tmp)
                 removed.append(tmp)
                 log.info(f"removed {tmp}, left by an interrupted decode")
@@ -88,6 +112,7 @@ class StoreWriter:
         self.counts: list[int] = []
         self.splits: list[str | None] = []
         self._tmp: Path | None = None
+        self._lock: int | None = None
         self._file = None
         self._hash = hashlib.sha256()
 
@@ -95,6 +120,8 @@ class StoreWriter:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_store_temps(self.folder)
         self._tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.", suffix=".tmp"))
+        self._lock = os.open(self._tmp / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
         self._file = open(self._tmp / IMAGES_FILE, "wb")
         return self
 
@@ -134,6 +161,7 @@ class StoreWriter:
                     json.dump(self.index(), f)
                     f.flush()
                     os.fsync(f.fileno())
+                os.unlink(tmp / WRITER_LOCK)  # not part of the store (still held until the end)
                 _fsync_dir(tmp)
                 old = None
                 if self.folder.exists():  # an unusable or concurrent store: moved aside, then removed
@@ -149,6 +177,9 @@ class StoreWriter:
                 self._file.close()
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
         return False
 
 

@@ -78,6 +78,9 @@ def describe(error: BaseException, command: str) -> str:
     if missing is not None and getattr(missing, "full_key", None):
         return f"{missing.full_key} is required: give it on the command line ({missing.full_key}=...; 'metarun {command} --help')"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        if "is not a ListConfig, list or tuple" in str(cause):  # data.augment=flip
+            value = getattr(cause, "value", None)
+            return f"{cause.full_key} takes a list: write {cause.full_key}=[{'' if value is None else value}]"
         return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     parts = [str(error)] + ([str(cause)] if isinstance(cause, OmegaConfBaseException) else [])
     lines = [line.strip() for part in parts for line in part.splitlines()]

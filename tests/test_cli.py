@@ -395,3 +395,15 @@ def test_a_crafted_checkpoint_is_refused_through_the_cli(tmp_path):
     result = metarun("eval", f"ckpt={tmp_path / 'crafted.pt'}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert_one_line_error(result, "pathlib.Path.write_text", "not one of metarun's")
     assert not written.exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_list_key_given_one_value_is_told_to_write_a_list():
+    from hydra import compose, initialize_config_dir
+
+    from metarun.cli import describe
+    from metarun.config import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        with pytest.raises(Exception) as error:
+            compose("train", overrides=["data=cifarfs", "data.augment=flip"])
+    assert describe(error.value, "train") == "data.augment takes a list: write data.augment=[flip]"

@@ -13,15 +13,17 @@ same here (``data.split``, ``data.crop``, ``data.root``), and a decoded store is
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
-from metarun.errors import MetarunError
+from metarun.errors import DataError, MetarunError
 
 USAGE = """usage: metarun data list [data.root=PATH] [data.cache_dir=PATH]
        metarun data prepare NAME [data.KEY=VALUE ...]
@@ -29,6 +31,31 @@ USAGE = """usage: metarun data list [data.root=PATH] [data.cache_dir=PATH]
   list       every dataset: files present and verified, decoded into the cache, size on disk and in memory
   prepare    download (where an official download exists), verify and decode NAME once into the cache
 """
+
+
+class FilesStatus(NamedTuple):
+    problem: str | None  # why the files cannot be used (missing, and what to put where); None when found
+    verified: bool  # checked against a published checksum (else checked by content when decoded)
+    disk_bytes: int | None  # the source files
+    store: Path | None  # the decoded store (folder or cache file), None until decoded
+    memory_bytes: int | None  # the decoded store's size in memory
+
+
+def files_status(tasks_class: type, data: dict) -> FilesStatus:
+    """What ``list`` says of the files behind ``data`` (a ``data=NAME`` config as a dict, of an ImageTasks
+    class): found and verified, their size, and whether they are decoded, without downloading or decoding."""
+    dataset = tasks_class.dataset
+    accepted = inspect.signature(dataset.__init__).parameters
+    options = {k: data[k] for k in accepted if k not in ("self", "root", "split") and k in data}
+    tasks = tasks_class.__new__(tasks_class)  # not a task source: only where its files and store are
+    tasks._set_source(data["root"], data.get("split") or dataset.split_names[0], data.get("cache_dir"), options)
+    try:
+        files = tasks.data.locate(download=False)
+    except DataError as e:
+        return FilesStatus(problem=str(e), verified=False, disk_bytes=None, store=None, memory_bytes=None)
+    store, nbytes = tasks.decoded(files)
+    verified = dataset.checksum is not None and getattr(tasks.data, "checksummed", True)
+    return FilesStatus(None, verified, tasks.data.disk_bytes(files), store, nbytes)
 
 
 def data_config(name: str, overrides: list[str]) -> DictConfig:
@@ -96,7 +123,7 @@ def list_datasets(overrides: list[str]) -> tuple[Table, list[str]]:
         if not issubclass(tasks, ImageTasks):
             table.add_row(name, tasks.__name__.removesuffix("Tasks"), "none (generated)", "-", "-", "-")
             continue
-        status = tasks.files_status(OmegaConf.to_container(cfg, resolve=True))
+        status = files_status(tasks, OmegaConf.to_container(cfg, resolve=True))
         if status.problem:
             files, reason = listed_problem(name, status.problem, tasks.dataset.downloads)
             missing.append(f"{name}: {reason}")
@@ -137,11 +164,11 @@ def prepare(name: str, overrides: list[str]) -> str:
             cfg[key] = None
     cfg.ways, cfg.shots, cfg.queries = 2, 1, 1
     data = OmegaConf.to_container(cfg, resolve=True)
-    already = tasks.files_status(data).store is not None
+    already = files_status(tasks, data).store is not None
     start = time.perf_counter()
     source = build(cfg)  # finds or downloads, verifies, and decodes into the cache once
     seconds = time.perf_counter() - start
-    status = tasks.files_status(data)
+    status = files_status(tasks, data)
     classes = "/".join(str(len(source.split_class_indices[s])) for s in ("train", "val", "test"))
     done = "already decoded" if already else "decoded"
     where = f" in {status.store}" if status.store is not None else ""

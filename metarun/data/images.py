@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import inspect
 import logging
 import os
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 
@@ -57,14 +56,6 @@ def default_store_dir(root: Path, name: str) -> Path:
         return folder
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "metarun"
-
-
-class FilesStatus(NamedTuple):
-    problem: str | None  # why the files cannot be used (missing, and what to put where); None when found
-    verified: bool  # checked against a published checksum (else checked by content when decoded)
-    disk_bytes: int | None  # the source files
-    store: Path | None  # the decoded store (folder or cache file), None until decoded
-    memory_bytes: int | None  # the decoded store's size in memory
 
 
 class ImageDataset:
@@ -173,29 +164,11 @@ class ImageTasks(TaskSource):
                              f"{d.channels} and image_size {d.image_size}")
 
     def _set_source(self, root: str, split: str, cache_dir: str | None, dataset_options: dict) -> None:
-        """Where the files and the store are: all that ``files_status`` needs, before anything is read."""
+        """Where the files and the store are: all that ``metarun data list`` needs, before anything is read."""
         self.split_name = split
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.data = self.dataset(self.root, split, **dataset_options)
-
-    @classmethod
-    def files_status(cls, data: dict) -> FilesStatus:
-        """What ``metarun data list`` says of the files behind ``data`` (a ``data=NAME`` config as a dict):
-        found and verified, their size, and whether they are decoded, without downloading or decoding."""
-        accepted = inspect.signature(cls.dataset.__init__).parameters
-        options = {k: data[k] for k in accepted if k not in ("self", "root", "split") and k in data}
-        tasks = cls.__new__(cls)  # not a task source: only where its files and store are
-        split = data.get("split") or cls.dataset.split_names[0]
-        tasks._set_source(data["root"], split, data.get("cache_dir"), options)
-        try:
-            files = tasks.data.locate(download=False)
-        except DataError as e:
-            return FilesStatus(problem=str(e), verified=False, disk_bytes=None, store=None, memory_bytes=None)
-        disk = tasks.data.disk_bytes(files)
-        store, nbytes = tasks.decoded(files)
-        return FilesStatus(None, cls.dataset.checksum is not None and getattr(tasks.data, "checksummed", True),
-                           disk, store, nbytes)
 
     def decoded(self, files: list[Path]) -> tuple[Path | None, int | None]:
         """The store decoded from ``files`` and its size in memory, or (None, None) if not decoded yet."""

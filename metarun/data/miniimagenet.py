@@ -21,6 +21,7 @@ store and the same episodes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -211,9 +212,10 @@ def read_csv(path: Path, by_class: dict[str, list[str]], progress=None) -> Itera
         yield name, images
 
 
-def read_hdf5(path: Path, labels_path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """torchmeta's ``{split}_data.hdf5`` (group 'datasets', one (n, 84, 84, 3) uint8 dataset per wnid) and
-    ``{split}_labels.json`` (the list of wnids)."""
+@contextlib.contextmanager
+def torchmeta_hdf5(path: Path, labels_path: Path):
+    """torchmeta's ``{split}_labels.json`` (the list of class names) and the group 'datasets' of its
+    ``{split}_data.hdf5``, both checked: ``with torchmeta_hdf5(p, l) as (labels, group, h5py): ...``."""
     import h5py
 
     try:
@@ -233,6 +235,13 @@ def read_hdf5(path: Path, labels_path: Path) -> Iterator[tuple[str, np.ndarray]]
         if not isinstance(group, h5py.Group):
             raise DataError(f"{path} has no group 'datasets' (keys: {', '.join(f.keys()) or 'none'}): "
                             f"it is not torchmeta's cache; rebuild it with torchmeta or use the pickles")
+        yield labels, group, h5py
+
+
+def read_hdf5(path: Path, labels_path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """torchmeta's ``{split}_data.hdf5`` (group 'datasets', one (n, 84, 84, 3) uint8 dataset per wnid) and
+    ``{split}_labels.json`` (the list of wnids)."""
+    with torchmeta_hdf5(path, labels_path) as (labels, group, h5py):
         for name in sorted(labels):
             ds = group.get(name)
             if not isinstance(ds, h5py.Dataset):

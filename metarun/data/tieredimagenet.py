@@ -21,7 +21,6 @@ Every class's category is recorded in the store's meta (``categories``: {class n
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from rich.progress import MofNCompleteColumn
 from metarun.data import safe_pickle
 from metarun.data.images import ImageDataset, ImageTasks
 from metarun.data.miniimagenet import (FILE_SPLITS, HDF5, HDF5_EXTRA, HDF5_LABELS, IMAGE_SIZE, MEAN, STD,
-                                       classes_by_tag, decode_image, have_h5py, load_pickle)
+                                       classes_by_tag, decode_image, have_h5py, load_pickle, torchmeta_hdf5)
 from metarun.errors import DataError
 from metarun.utils import stop
 from metarun.utils.display import transient_progress
@@ -270,26 +269,8 @@ def _decode_pickles(images_path: Path, labels_path: Path, split: str, writer, pr
 
 
 def _decode_hdf5(path: Path, labels_path: Path, split: str, writer, progress, bar) -> dict[str, str]:
-    import h5py
-
-    try:
-        labels = json.loads(Path(labels_path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{labels_path} is not torchmeta's labels file (a JSON list of class names: {e}); "
-                        f"rebuild it with torchmeta or use the pickles") from None
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise DataError(f"{labels_path} should be a JSON list of class names; rebuild it with torchmeta or use the pickles")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path} is not an HDF5 file (truncated, or an HTML page saved as data? {e}): "
-                        f"rebuild it with torchmeta or use the pickles") from None
     written = {}
-    with f:
-        group = f.get("datasets")
-        if not isinstance(group, h5py.Group):
-            raise DataError(f"{path} has no group 'datasets' (keys: {', '.join(f.keys()) or 'none'}): "
-                            f"it is not torchmeta's cache; rebuild it with torchmeta or use the pickles")
+    with torchmeta_hdf5(path, labels_path) as (labels, group, h5py):
         for name in labels:
             stop.check()
             ds = group.get(name)

@@ -156,6 +156,7 @@ class TrainLoopConfig:
     val_every: int = MISSING
     val_episodes: int = MISSING
     log_every: int = MISSING
+    task_chunk: Optional[int] = None  # tasks per chunk of a meta-batch (null: all on CPU, what fits on CUDA)
 
 
 @dataclass

@@ -20,7 +20,8 @@ def meta_test(algo: MetaAlgorithm, data: TaskSource, split: str, episodes: int, 
     per_task = []
     for episode in data.fixed_episodes(split, episodes, batch_size, seed):
         stop.check()  # a SIGINT/SIGTERM stops between task batches, not after the whole phase
-        per_task.append(algo.evaluate(episode, steps).cpu())
+        run = algo.execution.evaluate(algo, episode, steps) if algo.execution else algo.evaluate(episode, steps)
+        per_task.append(run.cpu())  # (the run's execution decides the path per evaluation shape)
         if bar is not None:
             progress.advance(bar, episode.num_tasks)
     if bar is not None:

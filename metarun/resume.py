@@ -32,7 +32,7 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 
 # Keys that may change between a run and its resumption without changing what it computes.
 # test.eval_seed is not among them: it fixes the validation tasks that choose the best checkpoint.
-RESUMABLE_CHANGES = ("train.iterations", "train.val_every", "train.log_every", "test.episodes", "test.checkpoint",
+RESUMABLE_CHANGES = ("train.iterations", "train.val_every", "train.log_every", "train.task_chunk", "test.episodes", "test.checkpoint",
                      "device.", "algo.batching",
                      "data.root", "data.cache_dir", "data.url", "data.download")
 

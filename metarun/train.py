@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun.config import conf_dir
 from metarun.data.tasks import task_generator
 from metarun.errors import MetarunError
+from metarun.execution import Execution, cache_path
 from metarun.experiment import build_experiment, flat_config, protocol
 from metarun.metatest import meta_test
 from metarun.resume import check_resumable
@@ -43,6 +44,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     optimizer = build(cfg.optimizer)(algo.parameters())
     scheduler = build(cfg.scheduler)(optimizer)  # stepped once per meta-iteration
     algo.check_optimizer(optimizer)
+    # How batches of tasks run (loop or vmap, chunks of tasks): decided per phase and shape, logged, checkpointed.
+    execution = algo.execution = Execution(algo.batching, cfg.train.get("task_chunk"), cache_path())
     tasks_rng = task_generator("train", cfg.seed)  # the training task stream; saved in checkpoints
     ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
     total, metric = cfg.train.iterations, algo.metric
@@ -64,7 +67,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         iteration, best, history, seconds = state["iteration"], state.get("best"), state["history"], state["seconds"]
         wall_seconds = float(state.get("wall_seconds", seconds))
         log.info(f"resuming from {last} at iteration {iteration}")
-        algo.tuned_batching = state.get("batching") if state.get("batching") in ("loop", "vmap") else None  # keep the path the run took (auto), for the same numbers
+        execution.load_state_dict(state.get("execution"), state.get("batching"))  # the paths the run took (auto)
 
     started = time.perf_counter()
     overrides, record = run_overrides(), write_hydra_record(run_dir, cfg)  # the run is accepted from here on
@@ -75,7 +78,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         nonlocal saved_at
         save_checkpoint(ckpt_dir / name, {
             "iteration": iteration, "algo": algo.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "batching": algo.path(device), "best": best, "history": history,
+            "scheduler": scheduler.state_dict(), "batching": execution.current or algo.path(device),
+            "execution": execution.state_dict(), "best": best, "history": history,
             "seconds": seconds, "wall_seconds": wall_seconds + time.perf_counter() - started, "metric": metric,
             "config": OmegaConf.to_container(cfg, resolve=True), "overrides": overrides, "hydra": record,
             "rng": rng if rng is not None else rng_state(tasks_rng, device),
@@ -105,15 +109,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         return scheduled and not (history and history[-1]["iteration"] == iteration)
 
     print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
-    tuning = {}
-    if algo.batching == "auto" and algo.tuned_batching is None:
-        # Time both execution paths on the first training meta-batch (drawn from a copy of the task
-        # stream, so the run itself is unchanged) and keep the faster one for the whole run.
-        log.info("batching=auto: timing the loop and vmap paths on the first meta-batch")
-        probe = data.sample("train", cfg.train.meta_batch_size, torch.Generator().set_state(tasks_rng.get_state()))
-        tuning = algo.tune_batching(probe, iteration)
-    timed = f" (auto: {', '.join(f'{k} {1000 * v:.0f} ms' for k, v in tuning.items())} per meta-gradient)" if tuning else ""
-    log.info(f"run directory: {run_dir}  device: {device}  batching: {algo.path(device)}{timed}  "
+    # The first training meta-batch's path, decided now (on a copy of the task stream: the run is unchanged).
+    if algo.batching == "auto":
+        first = data.sample("train", cfg.train.meta_batch_size, torch.Generator().set_state(tasks_rng.get_state()))
+        execution.current = algo.tuned_batching = execution.path(algo, "train", first, iteration)
+    log.info(f"run directory: {run_dir}  device: {device}  batching: {algo.path(device)} ({algo.batching})  "
              + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))
     # Hide what a stopped attempt logged after its checkpoint; what it logged up to it stays.
     logger = TensorBoardLogger(tb_dir, purge_step=iteration + 1 if iteration else None)
@@ -127,9 +127,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             while iteration < total:
                 rng_at_iteration = rng_state(tasks_rng, device)
                 episode = data.sample("train", cfg.train.meta_batch_size, tasks_rng)
-                loss, metrics = algo.meta_loss(episode, iteration)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, metrics = execution.meta_gradient(algo, episode, iteration)  # into .grad, in chunks if asked
                 grad_norm = torch.nn.utils.clip_grad_norm_(algo.parameters(), float("inf"))
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     kept = ("checkpoints/last.pt keeps the last good state" if (ckpt_dir / "last.pt").exists()
@@ -201,7 +200,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "iterations": iteration,
         "training_seconds": round(seconds, 3),  # the meta-training iterations alone, every attempt
         "wall_clock_seconds": round(wall_seconds + time.perf_counter() - started, 3),  # the whole run, every attempt
-        "batching": {"setting": algo.batching, "path": algo.path(device)},
+        "batching": {"setting": algo.batching, "path": execution.current, "task_chunk": cfg.train.get("task_chunk"),
+                     "decisions": {k: v["path"] for k, v in execution.decisions.items()}},
         "protocol": protocol(cfg, algo),
     }
     write_json(run_dir / "metrics.json", results)

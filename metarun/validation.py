@@ -131,6 +131,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "train.val_every": COUNT,
     "train.val_episodes": EPISODES,
     "train.log_every": COUNT,
+    "train.task_chunk": integer(1, allowed="an integer >= 1, or null (the whole meta-batch on CPU, what fits on CUDA)"),
     **COMMON_RULES,
     # image datasets (data=omniglot, ...); a dataset's own split names, channels and image size: image_rules
     "data.ways": integer(2, allowed="an integer >= 2 (one class is no classification task)"),

@@ -101,3 +101,12 @@ def image_data_root(generated_image_data: GeneratedImageData, monkeypatch: pytes
 
     monkeypatch.setattr(cifar, "CIFAR100_ARCHIVE", generated_image_data.cifar100_archive)
     return generated_image_data.root
+
+
+@pytest.fixture(autouse=True)
+def execution_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test its own execution cache (metarun.execution): no test writes to the user's cache dir
+    or takes a path another test timed. Subprocesses inherit it through the environment."""
+    path = tmp_path_factory.mktemp("execution") / "execution.json"
+    monkeypatch.setenv("METARUN_EXECUTION_CACHE", str(path))
+    return path

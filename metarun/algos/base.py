@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 
+from metarun import execution
 from metarun.data.episode import Episode
-from metarun.utils import stop
+from metarun.execution import synchronize  # noqa: F401  (benchmarks time with it)
 
 # The kind of problem a task poses (a few-shot *task* is one draw of support and query sets).
 PROBLEMS = ("classification", "regression")
@@ -36,22 +37,6 @@ def problem_metric(output: torch.Tensor, target: torch.Tensor, problem: str) -> 
     return F.mse_loss(output, target)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so wall-clock timings measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def stack_tasks(per_task: list):
-    """Per-task results (tensors, or tuples and dicts of them) stacked along a new task dimension, as vmap would."""
-    first = per_task[0]
-    if isinstance(first, dict):
-        return {k: torch.stack([r[k] for r in per_task]) for k in first}
-    if isinstance(first, tuple):
-        return tuple(stack_tasks(list(parts)) for parts in zip(*per_task))
-    return torch.stack(per_task)
-
-
 def metric_name(problem: str) -> str:
     return "accuracy" if problem == "classification" else "mse"
 
@@ -62,11 +47,9 @@ class MetaAlgorithm(nn.Module):
     ``transductive`` is the batch-norm protocol for query sets: True normalises all queries of a
     task as one batch (MAML's reference code); False normalises each query in a batch with the
     support set alone (Nichol et al. 2018), so no query sees another. ``batching`` is how a batch
-    of tasks runs: one after another (``loop``) or vectorised (``vmap``). Both give the same numbers
-    (the float64 tests of every algorithm), but which is faster depends on the device and the
-    protocol (vmap gains most where each task is small), so ``auto`` times both on the run's first
-    meta-batch and keeps the faster one (``tune_batching``), as ``cudnn.benchmark`` does for kernels.
-    Until tuned, ``auto`` means vmap on CUDA and the loop on CPU.
+    of tasks runs: one after another (``loop``) or vectorised (``vmap``); with ``auto``,
+    ``metarun.execution`` decides per phase and shape and sets ``tuned_batching`` around each call.
+    Until decided, ``auto`` means vmap on CUDA and the loop on CPU.
     """
 
     eval_inner_steps = 0  # adaptation steps at meta-validation and meta-test
@@ -85,6 +68,7 @@ class MetaAlgorithm(nn.Module):
         self.transductive = transductive
         self.batching = batching
         self.tuned_batching: str | None = None  # the path ``auto`` chose (tune_batching or a checkpoint)
+        self.execution = None  # the run's metarun.execution.Execution (the trainer sets it): evaluation asks it
 
     def query_outputs(self, forward: Callable[[torch.Tensor], torch.Tensor], support_x: torch.Tensor,
                       query_x: torch.Tensor) -> torch.Tensor:
@@ -106,42 +90,19 @@ class MetaAlgorithm(nn.Module):
         return "vmap" if device.type == "cuda" else "loop"
 
     def over_tasks(self, fn: Callable, *batch: torch.Tensor):
-        """``fn(*task, functional=...)`` for every task of ``batch`` (tensors with a leading task
-        dimension), as the execution path says: all at once under ``torch.func.vmap``
-        (``functional=True``: ``fn`` must use torch.func inside) or one after another
-        (``functional=False``). The outputs are stacked over tasks either way."""
-        if self.path(batch[0].device) == "vmap":
-            return vmap(lambda *task: fn(*task, functional=True))(*batch)
-        return stack_tasks([stop.checked(fn(*task, functional=False)) for task in zip(*batch)])
+        """``fn(*task, functional=...)`` for every task of ``batch`` on this algorithm's path
+        (``metarun.execution.over_tasks``); outputs stacked over tasks."""
+        return execution.over_tasks(fn, batch, self.path(batch[0].device))
 
-    def tune_batching(self, episode: Episode, iteration: int = 0, repeats: int = 2) -> dict[str, float]:
-        """For ``batching="auto"``: time one meta-gradient (``meta_loss`` and its backward pass) of
-        ``episode`` on each path, keep the faster in ``tuned_batching``, and return the seconds each
-        took (best of ``repeats``, after one warm-up). Parameters, their ``.grad`` and the random
-        number streams are left as they were, so tuning changes no number of the run. A path that
-        runs out of GPU memory loses. Does nothing for a fixed ``batching``."""
+    def tune_batching(self, episode: Episode, iteration: int = 0) -> dict[str, float]:
+        """For ``batching="auto"``: race the two paths on the meta-gradient of ``episode``
+        (``metarun.execution``), keep the winner in ``tuned_batching`` and return each path's best
+        seconds. Changes no parameter, ``.grad`` or random stream. Does nothing for a fixed ``batching``."""
         if self.batching != "auto":
             return {}
-        device = episode.support_x.device
-        params = [p for p in self.parameters() if p.requires_grad]
-        seconds = {path: float("inf") for path in ("loop", "vmap")}
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for path in ("loop", "vmap"):
-                self.tuned_batching = path
-                try:
-                    for attempt in range(repeats + 1):
-                        synchronize(device)
-                        tic = time.perf_counter()
-                        loss, _ = self.meta_loss(episode, iteration)
-                        torch.autograd.grad(loss, params, allow_unused=True)
-                        synchronize(device)
-                        if attempt:
-                            seconds[path] = min(seconds[path], time.perf_counter() - tic)
-                except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError is newer than torch 2.4)
-                    seconds[path] = float("inf")
-                    torch.cuda.empty_cache()
-        self.tuned_batching = min(seconds, key=seconds.get)
-        return seconds
+        decision = execution.Execution(clock=lambda: time.perf_counter()).tune(self, "train", episode, iteration)
+        self.tuned_batching = decision["path"]
+        return decision["seconds"]
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Warn when the meta-optimiser is not the one this algorithm's update is defined with."""

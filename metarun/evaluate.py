@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
+from metarun.execution import Execution, cache_path
 from metarun.experiment import build_experiment, protocol, upgraded_config
 from metarun.metatest import meta_test
 from metarun.utils.checkpoint import load_checkpoint, load_state
@@ -85,6 +86,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     _, data, algo = build_experiment(run)
     load_state(algo, state["algo"], path, "algorithm (network and meta-learned parameters)")
     algo.tuned_batching = state.get("batching") if state.get("batching") in ("loop", "vmap") else None  # auto: the path the run took
+    # Evaluation shapes the run met take its paths; new ones (another batch_size) are decided when met.
+    algo.execution = Execution(algo.batching, None, cache_path())
+    algo.execution.load_state_dict(state.get("execution"))
     write_hydra_record(run_dir, cfg)  # the evaluation is accepted from here on
     store = data.summary().get("store")  # where the image store lives (data.residency) and its size
     log.info(f"evaluating {path} (iteration {state['iteration']}) on {run.test.episodes} test tasks"

@@ -226,3 +226,15 @@ def test_a_pinned_run_equals_an_auto_run_that_chose_its_path(tmp_path, monkeypat
         for k in ("batching", "training_seconds", "wall_clock_seconds"):
             m.pop(k)
     assert auto == pinned
+
+
+def test_metarun_eval_takes_the_paths_the_run_decided(tmp_path, monkeypatch):
+    from metarun.evaluate import evaluate
+    train(compose_config(TINY_SINUSOID + ["test.episodes=8"]), tmp_path / "run")  # val and test: batches of 4
+    monkeypatch.setenv(ex.CACHE_ENV, str(tmp_path / "fresh.json"))  # only the checkpoint knows the decisions
+    monkeypatch.setattr(ex, "race", lambda *a, **k: pytest.fail("eval timed a shape its checkpoint decided"))
+    (tmp_path / "eval").mkdir()
+    evaluate(compose_config([f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "batch_size=4"], name="eval"),
+             tmp_path / "eval")
+    assert read_metrics(tmp_path / "eval")["test"] == {**read_metrics(tmp_path / "run")["test"],
+                                                        "checkpoint": read_metrics(tmp_path / "eval")["test"]["checkpoint"]}

@@ -9,10 +9,10 @@ monkey-patched, and one definition serves both execution paths:
 - ``loop``: one task after another, inner gradients from ``torch.autograd.grad``;
 - ``vmap``: all tasks at once, inner gradients from ``torch.func.grad`` under ``torch.func.vmap``.
 
-``batching="auto"`` times both on the run's first meta-batch and keeps the faster (``MetaAlgorithm.
-tune_batching``): the faster path depends on the device (the team measured vmap about 12x faster
-than a per-task loop on an H100) and on the workload (benchmarks/bench_algos.py on a 2-core CPU:
-vmap 2x faster with one query per class, 2x slower with fifteen).
+``batching="auto"`` lets ``metarun.execution`` time both per phase and shape and keep the faster:
+the faster path depends on the device (the team measured vmap about 12x faster than a per-task
+loop on an H100) and on the workload (benchmarks/bench_algos.py on a 2-core CPU: vmap 2x faster
+with one query per class, 2x slower with fifteen).
 
 Subclasses change the algorithm through five small hooks: which parameters adapt (``adapts``), the
 learning rate of a parameter at a step (``inner_lr_of``), the network call at a step (``forward``),

@@ -5,8 +5,8 @@ headless network and classifies each query by a differentiable comparison with t
 support embeddings. A subclass defines that comparison (``task_log_probs``); this module owns the
 rest: the checks on the problem type and network, the embedding under the batch-norm protocol, the
 cross-entropy on the queries, and running a batch of tasks one after another (``loop``) or all
-at once with ``torch.func.vmap`` (``vmap``; ``auto`` times both and keeps the faster, as in
-``metarun.algos.base``).
+at once with ``torch.func.vmap`` (``vmap``; ``auto`` times both and keeps the faster, as
+``metarun.execution`` decides).
 
 Batch norm (``transductive``):
 

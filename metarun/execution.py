@@ -115,20 +115,19 @@ def meta_gradient(algo, episode, iteration: int, chunk: int | None = None, param
     return loss_sum, metrics_sum, grads
 
 
-def measure_chunk(algo, episode, iteration: int) -> int | None:
-    """On CUDA, the chunk that fits: the peak memory of one task's meta-gradient against the free memory."""
+def measure_chunk(algo, episode, iteration: int, memory=torch.cuda) -> int | None:
+    """The chunk that fits: the peak memory of one task's meta-gradient against the free memory
+    (``memory``: ``torch.cuda``'s allocator statistics; a test passes a stand-in on the CPU)."""
     device = episode.support_x.device
-    if device.type != "cuda":
-        return None
     params = [p for p in algo.parameters() if p.requires_grad]
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    with torch.random.fork_rng(devices=[device]):
+    memory.synchronize(device)
+    memory.reset_peak_memory_stats(device)
+    before = memory.memory_allocated(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         meta_gradient(algo, episode.tasks(0, 1), iteration, params=params)
-    synchronize(device)
-    per_task = torch.cuda.max_memory_allocated(device) - before
-    free, _ = torch.cuda.mem_get_info(device)
+    memory.synchronize(device)
+    per_task = memory.max_memory_allocated(device) - before
+    free, _ = memory.mem_get_info(device)
     return chunk_for_memory(per_task, free, episode.num_tasks)
 
 

@@ -238,3 +238,21 @@ def test_metarun_eval_takes_the_paths_the_run_decided(tmp_path, monkeypatch):
              tmp_path / "eval")
     assert read_metrics(tmp_path / "eval")["test"] == {**read_metrics(tmp_path / "run")["test"],
                                                         "checkpoint": read_metrics(tmp_path / "eval")["test"]["checkpoint"]}
+
+
+@pytest.mark.parametrize("peak, chunk", [(100, None), (300, 2)])
+def test_the_cuda_chunk_comes_from_one_tasks_peak_and_the_free_memory(peak, chunk):
+    # torch.cuda's allocator statistics, stood in for on the CPU: 1000 bytes free, 80% usable.
+    class Memory:
+        synchronize = reset_peak_memory_stats = staticmethod(lambda device: None)
+        memory_allocated = staticmethod(lambda device: 50)
+        max_memory_allocated = staticmethod(lambda device: 50 + peak)
+        mem_get_info = staticmethod(lambda device: (1000, 4000))
+
+    algo = ALGORITHMS["maml"]("loop")
+    episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
+    rng = torch.get_rng_state()
+    assert ex.measure_chunk(algo, episode, 0, memory=Memory) == chunk  # 5 tasks x peak against 800 bytes
+    assert all(p.grad is None for p in algo.parameters()) and torch.equal(torch.get_rng_state(), rng)
+    assert Execution("auto", None, None).chunk(algo, episode, 0) is None  # on the CPU: whole meta-batches
+    assert Execution("auto", 2, None).chunk(algo, episode, 0) == 2

@@ -200,7 +200,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "iterations": iteration,
         "training_seconds": round(seconds, 3),  # the meta-training iterations alone, every attempt
         "wall_clock_seconds": round(wall_seconds + time.perf_counter() - started, 3),  # the whole run, every attempt
-        "batching": {"setting": algo.batching, "path": execution.current, "task_chunk": cfg.train.get("task_chunk"),
+        "batching": {"setting": algo.batching, "path": execution.current or algo.path(device),
+                     "task_chunk": cfg.train.get("task_chunk"),
                      "decisions": {k: v["path"] for k, v in execution.decisions.items()}},
         "protocol": protocol(cfg, algo),
     }

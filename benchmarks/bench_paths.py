@@ -15,8 +15,9 @@ Variants (each checked to give the reference's meta-gradient, float32 ``allclose
 - ``2 threads x 1``: the tasks split in halves over two Python threads, each with one intra-op thread
   (``torch.set_num_threads(1)`` in the worker), half meta-gradients summed;
 - ``2 processes x 1``: the same over two spawned processes sharing the parameters and episodes;
-- ``torch.compile``: ``torch.compile(torch.func.grad(per-task meta-loss))``, called task by task;
-  compile time (first call) is reported apart from the steady state; a failure is reported as such;
+- ``torch.compile``: ``torch.compile(torch.func.grad(per-task meta-loss))``, called task by task, in a
+  child process with a time limit (``--compile-timeout``), timed there against its own reference;
+  compile time (first call) is reported apart from the steady state, a failure or time-out as such;
 - ``torch.func loop``: metarun's per-task function with ``functional=True`` (inner ``torch.func.grad``)
   in a plain Python loop, then one backward; ``torch.func grad loop``: the whole per-task
   meta-gradient from ``torch.func.grad``, summed (the ``functional`` flag question).
@@ -30,9 +31,12 @@ variant`` (above 1 is faster). The machine's load average is printed before and 
 Without the Omniglot archives (or with ``--random-data``) episodes are random tensors of the same shape.
 """
 
+import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -280,6 +284,40 @@ def compiled(algo, episodes):
     return run, time.perf_counter() - tic
 
 
+def compile_in_child(args, timeout):
+    """The torch.compile candidate in a fresh process with a time limit (inductor on CPU can compile for many
+    minutes, and a compile cannot be interrupted in-process): a dict of its figures, or of why there are none.
+    The child times the compiled loop against its own reference in interleaved rounds."""
+    command = [sys.executable, __file__, "--compile-child", "--rounds", str(args.rounds), "--meta-batch",
+               str(args.meta_batch), "--queries", str(args.queries), "--root", str(args.root)]
+    command += ["--random-data"] if args.random_data else []
+    command += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    tic = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not compiled within {timeout} s (--compile-timeout)"}
+    if done.returncode:
+        return {"error": f"child failed after {time.perf_counter() - tic:.0f} s: "
+                         f"{(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compile_child(args):
+    _, algo, episodes, _ = setting(args)
+    ref_run = reference(algo, episodes)
+    ref = [g.clone() for g in ref_run(0)]
+    run, result = compiled(algo, episodes)
+    if run is None:
+        print(json.dumps({"error": result}))
+        return
+    check = same_gradient([g.clone() for g in run(0)], ref)
+    seconds = time_rounds({"reference": (ref_run, torch.get_num_threads(), ""),
+                           "compiled": (run, torch.get_num_threads(), "")}, episodes, args.rounds)
+    print(json.dumps({"compile_s": result, "ms": 1000 * seconds["compiled"], "ref_ms": 1000 * seconds["reference"],
+                      "allclose": check[0], "diff": check[1]}))
+
+
 # -- timing ---------------------------------------------------------------------------------------
 def variants(algo, episodes, args, threads):
     """name -> (run, intra-op threads of the calling thread, note)."""
@@ -301,13 +339,6 @@ def variants(algo, episodes, args, threads):
         out["2 processes x 1 intra-op"] = (process_workers(algo, episodes), threads, "metarun loop per half, spawn")
     out["torch.func loop (functional=True)"] = (functional_loop(algo, episodes), threads, "outer backward")
     out["torch.func grad loop"] = (func_grad_loop(algo, episodes), threads, "no outer autograd")
-    if "compile" not in args.skip:
-        torch.set_num_threads(threads)
-        run, result = compiled(algo, episodes)
-        if run is None:
-            out["torch.compile(func grad) loop"] = (None, threads, f"FAILED: {result}")
-        else:
-            out["torch.compile(func grad) loop"] = (run, threads, f"compile {result:.1f} s (first call)")
     return out
 
 
@@ -342,11 +373,15 @@ def main():
     parser.add_argument("--chunks", default="4,8,16", help="comma-separated task chunk sizes for chunked vmap")
     parser.add_argument("--skip", default="", help="comma-separated: compile, processes")
     parser.add_argument("--random-data", action="store_true", help="random tensors instead of Omniglot episodes")
+    parser.add_argument("--compile-timeout", type=int, default=300, help="seconds the torch.compile candidate may take")
+    parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device != "cpu":
         parser.error("bench_paths.py measures CPU paths: --device cpu")
     args.chunks = [int(c) for c in args.chunks.split(",") if c]
     args.skip = set(args.skip.split(","))
+    if args.compile_child:
+        return compile_child(args)
     threads = torch.get_num_threads()
     cfg, algo, episodes, source = setting(args)
     load_before = os.getloadavg()
@@ -357,6 +392,10 @@ def main():
           f"inter-op threads {torch.get_num_interop_threads()} (unused by eager autograd); "
           f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
 
+    compile_figures = None
+    if "compile" not in args.skip:  # first, alone: it loads the machine while it compiles
+        compile_figures = compile_in_child(args, args.compile_timeout)
+        print(f"torch.compile candidate: {compile_figures}", flush=True)
     table = variants(algo, episodes, args, threads)
     torch.set_num_threads(threads)
     ref = [g.clone() for g in table["reference"][0](0)]
@@ -382,6 +421,14 @@ def main():
         ok, rel = checks[name]
         print(f"{name:38} {1000 * seconds[name]:8.0f} {base / seconds[name]:6.2f}x  {'yes' if ok else 'NO':>9} "
               f"{rel:12.1e}  {note}")
+    if compile_figures is not None:
+        name, c = "torch.compile(func grad) loop", compile_figures
+        if "error" in c:
+            print(f"{name:38} {'-':>8} {'-':>7}  {'-':>9} {'-':>12}  FAILED: {c['error']}")
+        else:
+            print(f"{name:38} {c['ms']:8.0f} {c['ref_ms'] / c['ms']:6.2f}x  {'yes' if c['allclose'] else 'NO':>9} "
+                  f"{c['diff']:12.1e}  compile {c['compile_s']:.0f} s; in its own process, vs its own reference "
+                  f"{c['ref_ms']:.0f} ms")
     best = max((n for n in seconds if checks[n][1] < 1e-3), key=lambda n: base / seconds[n])
     print(f"fastest within 1e-3 of the reference's meta-gradient scale: {best} ({base / seconds[best]:.2f}x); "
           f"medians of {args.rounds} interleaved rounds; load average after "

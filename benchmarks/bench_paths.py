@@ -290,7 +290,7 @@ def compile_in_child(args, timeout):
     The child times the compiled loop against its own reference in interleaved rounds."""
     command = [sys.executable, __file__, "--compile-child", "--rounds", str(args.rounds), "--meta-batch",
                str(args.meta_batch), "--queries", str(args.queries), "--root", str(args.root)]
-    command += ["--random-data"] if args.random_data else []
+    command += ["--threads", str(args.threads)] + (["--random-data"] if args.random_data else [])
     command += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
     tic = time.perf_counter()
     try:
@@ -304,6 +304,7 @@ def compile_in_child(args, timeout):
 
 
 def compile_child(args):
+    torch.set_num_threads(args.threads)
     _, algo, episodes, _ = setting(args)
     ref_run = reference(algo, episodes)
     ref = [g.clone() for g in ref_run(0)]
@@ -321,13 +322,15 @@ def compile_child(args):
 # -- timing ---------------------------------------------------------------------------------------
 def variants(algo, episodes, args, threads):
     """name -> (run, intra-op threads of the calling thread, note)."""
+    other = 2 if threads == 1 else 1
+    at_other = f"@{other} thread{'s' if other > 1 else ''}"
     out = {
         "reference": (reference(algo, episodes), threads, "textbook per-task loop"),
-        "reference @1 thread": (reference(algo, episodes), 1, ""),
+        f"reference {at_other}": (reference(algo, episodes), other, ""),
         "metarun loop": (metarun_path(algo, episodes, "loop"), threads, ""),
-        "metarun loop @1 thread": (metarun_path(algo, episodes, "loop"), 1, ""),
+        f"metarun loop {at_other}": (metarun_path(algo, episodes, "loop"), other, ""),
         "metarun vmap": (metarun_path(algo, episodes, "vmap"), threads, ""),
-        "metarun vmap @1 thread": (metarun_path(algo, episodes, "vmap"), 1, ""),
+        f"metarun vmap {at_other}": (metarun_path(algo, episodes, "vmap"), other, ""),
     }
     for c in args.chunks:
         if c < args.meta_batch:
@@ -350,7 +353,7 @@ def same_gradient(grads, ref):
     return ok, max((g.float() - r).abs().max().item() for g, r in zip(grads, ref)) / scale
 
 
-def time_rounds(table, episodes, rounds):
+def time_rounds(table, episodes, rounds, progress=False):
     names = [n for n, (run, _, _) in table.items() if run is not None]
     times = {n: [] for n in names}
     for r in range(rounds + 1):  # round 0 warms up
@@ -362,6 +365,8 @@ def time_rounds(table, episodes, rounds):
             run(r % len(episodes))
             if r:
                 times[n].append(time.perf_counter() - tic)
+        if progress:
+            print(f"round {r}{' (warm-up)' if not r else ''} done, load {os.getloadavg()[0]:.2f}", flush=True)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -373,6 +378,8 @@ def main():
     parser.add_argument("--chunks", default="4,8,16", help="comma-separated task chunk sizes for chunked vmap")
     parser.add_argument("--skip", default="", help="comma-separated: compile, processes")
     parser.add_argument("--random-data", action="store_true", help="random tensors instead of Omniglot episodes")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads of every variant but the '@N threads' ones (default: torch's)")
     parser.add_argument("--compile-timeout", type=int, default=300, help="seconds the torch.compile candidate may take")
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -382,7 +389,8 @@ def main():
     args.skip = set(args.skip.split(","))
     if args.compile_child:
         return compile_child(args)
-    threads = torch.get_num_threads()
+    threads = args.threads
+    torch.set_num_threads(threads)
     cfg, algo, episodes, source = setting(args)
     load_before = os.getloadavg()
     print(f"MAML second order, Omniglot {cfg.data.ways}-way {cfg.data.shots}-shot, {cfg.data.queries} queries, "
@@ -404,7 +412,7 @@ def main():
         if run is not None:
             torch.set_num_threads(t)
             checks[name] = same_gradient([g.clone() for g in run(0)], ref)
-    seconds = time_rounds(table, episodes, args.rounds)
+    seconds = time_rounds(table, episodes, args.rounds, progress=True)
     load_after = os.getloadavg()
     for run, _, _ in table.values():
         if run is not None and hasattr(run, "close"):

@@ -325,14 +325,16 @@ class MiniImageNet(ImageDataset):
     split_names = ("ravi",)  # Ravi & Larochelle's 64/16/20, defined by the files
 
     format: str | None = None
+    # This module's readers; tieredImageNet, whose files define its split the same way, names its own.
+    find_files, layout_of, decode_into = staticmethod(find_files), staticmethod(layout), staticmethod(decode_into)
 
     def locate(self, download: bool) -> list[Path]:
         # No official download exists: ``download`` changes nothing, the error says where the files go.
-        self.format, files = find_files(self.root)
+        self.format, files = self.find_files(self.root)
         return files
 
     def layout(self) -> str:
-        return layout(self.root)
+        return self.layout_of(self.root)
 
     def cache_key(self) -> dict:
         key = {**super().cache_key(), "format": self.format}
@@ -341,7 +343,7 @@ class MiniImageNet(ImageDataset):
         return key
 
     def decode(self, files: list[Path], writer) -> None:
-        decode_into(self.format or find_files(self.root)[0], files, writer)
+        self.decode_into(self.format or self.find_files(self.root)[0], files, writer)
 
     def disk_bytes(self, files: list[Path]) -> int:
         images = folder_summary(self.root / FOLDER / IMAGES_DIR)["bytes"] if self.format == "csv" else 0

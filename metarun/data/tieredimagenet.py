@@ -28,9 +28,9 @@ import numpy as np
 from rich.progress import MofNCompleteColumn
 
 from metarun.data import safe_pickle
-from metarun.data.images import ImageDataset, ImageTasks
+from metarun.data.images import ImageTasks
 from metarun.data.miniimagenet import (FILE_SPLITS, HDF5, HDF5_EXTRA, HDF5_LABELS, IMAGE_SIZE, MEAN, STD,
-                                       classes_by_tag, decode_image, have_h5py, load_pickle, torchmeta_hdf5)
+                                       MiniImageNet, decode_image, have_h5py, load_pickle, torchmeta_hdf5)
 from metarun.errors import DataError
 from metarun.utils import stop
 from metarun.utils.display import transient_progress
@@ -314,8 +314,9 @@ def decode_into(fmt: str, files: list[Path], writer) -> None:
 # ---------------------------------------------------------------------------------------------- dataset
 
 
-class TieredImageNet(ImageDataset):
-    """tieredImageNet files under ``<root>/tieredimagenet/`` in either accepted format (module docstring)."""
+class TieredImageNet(MiniImageNet):
+    """tieredImageNet files under ``<root>/tieredimagenet/`` in either accepted format (module docstring):
+    read as miniImageNet's are (the files define the split), with this module's readers."""
 
     name = "tieredimagenet"
     title = "tieredImageNet"
@@ -324,25 +325,7 @@ class TieredImageNet(ImageDataset):
     # MetaOptNet (Lee et al. 2019, data/tiered_imagenet.py) normalises tieredImageNet with miniImageNet's statistics.
     mean, std = MEAN, STD
     split_names = ("ren",)  # Ren et al.'s 351/97/160 classes (20/6/8 categories), defined by the files
-
-    format: str | None = None
-
-    def locate(self, download: bool) -> list[Path]:
-        # No official download exists: ``download`` changes nothing, the error says where the files go.
-        self.format, files = find_files(self.root)
-        return files
-
-    def layout(self) -> str:
-        return layout(self.root)
-
-    def cache_key(self) -> dict:
-        return {**super().cache_key(), "format": self.format}
-
-    def decode(self, files: list[Path], writer) -> None:
-        decode_into(self.format or find_files(self.root)[0], files, writer)
-
-    def split_classes(self, store) -> dict[str, list[int]]:
-        return classes_by_tag(store, self.title)
+    find_files, layout_of, decode_into = staticmethod(find_files), staticmethod(layout), staticmethod(decode_into)
 
 
 class TieredImageNetTasks(ImageTasks):

@@ -155,7 +155,7 @@ def machine(device: torch.device) -> str:
     return f"{socket.gethostname()}|{chip}|torch {torch.__version__}"
 
 
-def read_cache(path: Path) -> dict:
+def read_cache(path: Path, warn: bool = True) -> dict:
     if not path.exists():
         return {}
     try:
@@ -164,14 +164,15 @@ def read_cache(path: Path) -> dict:
             raise ValueError("not a JSON object of machines")
         return data
     except (OSError, ValueError) as e:
-        log.warning(f"ignoring the execution cache {path} ({' '.join(str(e).split())[:100]}); it will be rewritten")
+        if warn:
+            log.warning(f"ignoring the execution cache {path} ({' '.join(str(e).split())[:100]}); it will be rewritten")
         return {}
 
 
 def write_cache(path: Path, machine_id: str, decisions: dict) -> None:
     """Merge ``decisions`` into the cache under ``machine_id``, atomically (a reader never sees half a file)."""
     try:
-        data = read_cache(path)
+        data = read_cache(path, warn=False)  # a damaged file was reported when it was read for the decision
         data.setdefault(machine_id, {}).update(decisions)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -223,9 +224,11 @@ def race(run: Callable[[str], None], device: torch.device, margin: float = MARGI
         if failed:
             break
         fast, slow = sorted(PATHS, key=best.get)
-        if round_ >= MIN_REPEATS and best[fast] < (1 - margin) * best[slow]:
+        # A slow shape spends the budget in one timed round: a clear win then counts, as it would later.
+        out_of_time = round_ >= 1 and clock() - started > budget_s
+        if (round_ >= MIN_REPEATS or out_of_time) and best[fast] < (1 - margin) * best[slow]:
             return fast, best, f"{fast} faster by {100 * (1 - best[fast] / best[slow]):.0f}%"
-        if round_ >= 1 and clock() - started > budget_s:
+        if out_of_time:
             break
     if failed and len(failed) < len(PATHS):
         winner = (set(PATHS) - failed).pop()

@@ -122,6 +122,15 @@ def test_a_clear_winner_is_kept_per_shape_and_each_shape_is_timed_once(caplog):
     assert "loop (loop faster by 100%" in line and "tasks=5" in line and "tuning took" in line
 
 
+def test_a_clear_winner_found_when_the_budget_runs_out_is_kept():
+    # A meta-gradient slow enough that the warm-up and one timed round spend the budget: the loop's 3 s
+    # against vmap's 0.1 s is still a clear win (it once fell back to the default, the 18x slower loop).
+    algo, clock, execution = tuned({"loop": 3.0, "vmap": 0.1})
+    episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
+    assert execution.path(algo, "train", episode) == "vmap"
+    assert clock.runs == {"loop": 2, "vmap": 2}  # a warm-up and one timed round each
+
+
 def test_without_a_clear_margin_the_default_runs():
     # 5% apart: under the 10% margin, so all rounds are timed and the loop (the default) runs.
     algo, clock, execution = tuned({"loop": 0.105, "vmap": 0.100})

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import conf_dir
 from metarun.errors import MetarunError
-from metarun.execution import Execution, cache_path
+from metarun.execution import PATHS, Execution, cache_path
 from metarun.experiment import build_experiment, protocol, upgraded_config
 from metarun.metatest import meta_test
 from metarun.utils.checkpoint import load_checkpoint, load_state
@@ -85,7 +85,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> float:
     run = run_config(cfg, trusted_config(state["config"], path))
     _, data, algo = build_experiment(run)
     load_state(algo, state["algo"], path, "algorithm (network and meta-learned parameters)")
-    algo.tuned_batching = state.get("batching") if state.get("batching") in ("loop", "vmap") else None  # auto: the path the run took
+    algo.tuned_batching = state.get("batching") if state.get("batching") in PATHS else None  # auto: the path the run took
     # Evaluation shapes the run met take its paths; new ones (another batch_size) are decided when met.
     algo.execution = Execution(algo.batching, None, cache_path())
     algo.execution.load_state_dict(state.get("execution"))

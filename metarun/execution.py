@@ -1,21 +1,26 @@
-"""How a batch of tasks runs: one after another (``loop``) or vectorised (``vmap``), in chunks of tasks.
+"""How a batch of tasks runs: one after another (``loop``), vectorised (``vmap``) or side by side on the
+CPU's cores (``threads``), in chunks of tasks.
 
-Both paths give the same numbers (the float64 meta-gradient tests of every algorithm), but which
-is faster depends on the device and the shape of the work: vmap gains most where each task is
-small (one query per class), the loop where each task is large (fifteen). So ``algo.batching=auto``
-decides per *phase* (``train``: a meta-gradient; ``eval``: adaptation and query metrics) and per
-*shape* (tasks, ways, shots, queries, inner steps, derivative order, network, dtype, device), the
-first time that shape is met, as ``cudnn.benchmark`` caches a kernel per input shape:
+Every path gives the same numbers (the float64 meta-gradient tests of every algorithm), but which
+is fastest depends on the device and the shape of the work: vmap gains most where each task is
+small (one query per class) or on a GPU, the loop or the threads where each task is large
+(fifteen). So ``algo.batching=auto`` decides per *phase* (``train``: a meta-gradient; ``eval``:
+adaptation and query metrics) and per *shape* (tasks, ways, shots, queries, inner steps,
+derivative order, network, dtype, device, CPU threads), the first time that shape is met, as
+``cudnn.benchmark`` caches a kernel per input shape:
 
-- the two paths are timed with interleaved repeats (loop, vmap, vmap, loop, ...) after a warm-up,
-  until the best time of one beats the other's by ``MARGIN``, for at most ``MAX_REPEATS`` rounds and
-  ``BUDGET_S`` seconds; without such a win the deterministic default (``DEFAULT``, the loop) runs,
-  so a loaded machine cannot make two runs of one command take different paths on a coin toss;
+- the candidate paths are timed with interleaved repeats (loop, vmap, threads, then the reverse
+  order, ...) after a warm-up, until the fastest beats every other by ``MARGIN``, for at most
+  ``MAX_REPEATS`` rounds and ``BUDGET_S`` seconds; paths within the margin of the fastest tie, and a
+  tie goes to the first of ``PREFERENCE`` (the loop first), so a loaded machine cannot make two runs
+  of one command take different paths on a coin toss;
 - every decision is logged in one line with what the tuning cost, saved in the checkpoint (a
   resumed run keeps its paths) and cached on disk per machine and torch version
   (``cache_path()``), so the jobs of a sweep tune once.
 
-``algo.batching=loop|vmap`` pins the path; a pinned run equals an auto run that chose that path.
+``algo.batching=loop|vmap|threads`` pins the path; a pinned run equals an auto run that chose it.
+``threads`` (``metarun.task_threads``) needs a CPU with at least two intra-op threads; elsewhere it
+runs as the loop.
 
 Memory: a meta-batch runs in chunks of at most ``task_chunk`` tasks (``train.task_chunk``), each
 chunk's meta-loss scaled by its share of the tasks and backpropagated on its own, so the
@@ -24,12 +29,7 @@ graph of only one chunk is alive. ``task_chunk=null`` runs whole meta-batches on
 CUDA, chooses the chunk from the free memory and the measured peak of one task's meta-gradient.
 """
 
-import json
 import logging
-import os
-import platform
-import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,18 +37,21 @@ from pathlib import Path
 import torch
 from torch.func import vmap
 
+from metarun import task_threads
+from metarun.execution_cache import CACHE_ENV, cache_path, machine, read_cache, write_cache  # noqa: F401 (re-exported)
 from metarun.utils import stop
 
 log = logging.getLogger("metarun")
 
-PATHS = ("loop", "vmap")
-DEFAULT = "loop"  # the deterministic choice when neither path wins clearly
+PATHS = ("loop", "vmap", "threads")
+PREFERENCE = ("loop", "threads", "vmap")  # who wins a tie (times within MARGIN of the fastest)
+DEFAULT = PREFERENCE[0]
 MARGIN = 0.10  # the winner's best time must be at least this much below the loser's
 MAX_REPEATS = 5  # timed rounds at most (after one warm-up round)
 MIN_REPEATS = 2  # timed rounds at least before a winner is declared
+DROP = 1.5  # a third path this many times slower than the fastest after a timed round is timed no more
 BUDGET_S = 5.0  # no new round starts once tuning one shape has taken this long
 MEMORY_SHARE = 0.8  # auto chunks on CUDA fill at most this share of the free memory
-CACHE_ENV = "METARUN_EXECUTION_CACHE"
 
 
 def synchronize(device: torch.device) -> None:
@@ -73,6 +76,7 @@ def over_tasks(fn: Callable, batch: tuple[torch.Tensor, ...], path: str):
     torch.func inside) or one after another (``functional=False``). Outputs stacked over tasks."""
     if path == "vmap":
         return vmap(lambda *task: fn(*task, functional=True))(*batch)
+    # the loop (``threads`` splits the batch into blocks before it reaches here, each block a loop)
     return stack_tasks([stop.checked(fn(*task, functional=False)) for task in zip(*batch)])
 
 
@@ -90,24 +94,48 @@ def chunk_for_memory(per_task_bytes: int, free_bytes: int, tasks: int, share: fl
     return max(1, int(share * free_bytes // per_task_bytes))
 
 
-def meta_gradient(algo, episode, iteration: int, chunk: int | None = None, params: list | None = None):
+def meta_gradient(algo, episode, iteration: int, chunk: int | None = None, params: list | None = None,
+                  threads: "task_threads.TaskThreads | None" = None):
     """The meta-gradient of ``episode``, in chunks of at most ``chunk`` tasks: each chunk's meta-loss
     times its share of the tasks is backpropagated into ``.grad`` (``params`` None) or returned as
     gradients of ``params`` (for timing, leaving ``.grad`` alone). The metrics are averaged with the
-    same weights. Returns (loss, metrics, grads): the loss and metrics detached, grads None for ``.grad``."""
+    same weights. With ``threads``, blocks of tasks run on the worker threads (each in its chunks),
+    their gradients summed in block order. Returns (loss, metrics, grads): detached, grads None for ``.grad``."""
+    if threads is None:
+        return _chunked(algo, episode, iteration, chunk, params, episode.num_tasks)
+    wanted = params if params is not None else [p for p in algo.parameters() if p.requires_grad]
+    parts = threads.map(algo, episode, lambda worker, block: _chunked(worker, block, iteration, chunk, wanted,
+                                                                      episode.num_tasks))
+    loss, metrics, grads = parts[0]
+    for part_loss, part_metrics, part_grads in parts[1:]:
+        loss = loss + part_loss
+        metrics = {k: v + part_metrics[k] for k, v in metrics.items()}
+        grads = _add(grads, part_grads)
+    if params is not None:
+        return loss, metrics, grads
+    for p, g in zip(wanted, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    return loss, metrics, None
+
+
+def _add(grads, more):
+    return more if grads is None else tuple(g if a is None else a if g is None else a + g for a, g in zip(grads, more))
+
+
+def _chunked(algo, episode, iteration: int, chunk: int | None, params: list | None, total: int):
+    """``meta_gradient`` of ``episode`` as ``episode.num_tasks`` of ``total`` tasks (its share of their mean)."""
     bounds = chunk_bounds(episode.num_tasks, chunk)
     loss_sum, metrics_sum, grads = 0.0, {}, None
     for start, end in bounds:
         part = episode if len(bounds) == 1 else episode.tasks(start, end)
         loss, metrics = algo.meta_loss(part, iteration)
-        weight = (end - start) / episode.num_tasks
-        scaled = loss if len(bounds) == 1 else loss * weight
+        weight = (end - start) / total
+        scaled = loss if weight == 1 else loss * weight
         if params is None:
             scaled.backward()
         else:
-            part_grads = torch.autograd.grad(scaled, params, allow_unused=True)
-            grads = part_grads if grads is None else tuple(
-                g if a is None else a if g is None else a + g for a, g in zip(grads, part_grads))
+            grads = _add(grads, torch.autograd.grad(scaled, params, allow_unused=True))
         loss_sum = loss_sum + loss.detach() * weight
         for k, v in metrics.items():
             metrics_sum[k] = metrics_sum.get(k, 0.0) + v.detach() * weight
@@ -131,58 +159,6 @@ def measure_chunk(algo, episode, iteration: int, memory=torch.cuda) -> int | Non
     return chunk_for_memory(per_task, free, episode.num_tasks)
 
 
-# -- the disk cache -------------------------------------------------------------------------------
-def cache_path() -> Path:
-    """``$METARUN_EXECUTION_CACHE``, else ``$XDG_CACHE_HOME/metarun/execution.json`` (``~/.cache`` by default)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metarun" / "execution.json"
-
-
-def machine(device: torch.device) -> str:
-    """What a timing holds for: the host, its CPU model or GPU name, and the torch version."""
-    if device.type == "cuda":
-        chip = torch.cuda.get_device_name(device)
-    else:
-        chip = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    chip = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return f"{socket.gethostname()}|{chip}|torch {torch.__version__}"
-
-
-def read_cache(path: Path, warn: bool = True) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise ValueError("not a JSON object of machines")
-        return data
-    except (OSError, ValueError) as e:
-        if warn:
-            log.warning(f"ignoring the execution cache {path} ({' '.join(str(e).split())[:100]}); it will be rewritten")
-        return {}
-
-
-def write_cache(path: Path, machine_id: str, decisions: dict) -> None:
-    """Merge ``decisions`` into the cache under ``machine_id``, atomically (a reader never sees half a file)."""
-    try:
-        data = read_cache(path, warn=False)  # a damaged file was reported when it was read for the decision
-        data.setdefault(machine_id, {}).update(decisions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only home only costs the next run its tuning
-        log.warning(f"could not write the execution cache {path}: {e}")
-
-
 # -- decisions ------------------------------------------------------------------------------------
 def shape_key(algo, phase: str, episode, iteration: int = 0, steps: int | None = None) -> str:
     """What a timing depends on: the phase, the algorithm and network, dtype, device and the batch's shape."""
@@ -194,23 +170,24 @@ def shape_key(algo, phase: str, episode, iteration: int = 0, steps: int | None =
     else:
         order = "-"
     size = sum(p.numel() for p in algo.model.parameters())
+    device = reference.device.type + (f":{torch.get_num_threads()}threads" if reference.device.type == "cpu" else "")
     return (f"{phase}|{type(algo).__name__}|{type(algo.model).__name__}:{size}|{str(reference.dtype)[6:]}|"
-            f"{reference.device.type}|tasks={episode.num_tasks}|ways={episode.ways}|shots={episode.shots}|"
+            f"{device}|tasks={episode.num_tasks}|ways={episode.ways}|shots={episode.shots}|"
             f"queries={episode.queries}|steps={steps}|order={order}|transductive={algo.transductive}")
 
 
-def race(run: Callable[[str], None], device: torch.device, margin: float = MARGIN, max_repeats: int = MAX_REPEATS,
-         budget_s: float = BUDGET_S, clock: Callable[[], float] = time.perf_counter) -> tuple[str, dict, str]:
-    """Time ``run(path)`` for both paths, interleaved, after a warm-up of each. Returns the path, the best
-    seconds of each, and why: a path that wins by ``margin``, else ``DEFAULT``. A path out of GPU memory loses."""
-    best = {path: float("inf") for path in PATHS}
-    failed = set()
+def race(run: Callable[[str], None], device: torch.device, paths: tuple[str, ...] = ("loop", "vmap"),
+         margin: float = MARGIN, max_repeats: int = MAX_REPEATS, budget_s: float = BUDGET_S,
+         clock: Callable[[], float] = time.perf_counter) -> tuple[str, dict, str]:
+    """Time ``run(path)`` for ``paths``, interleaved, after a warm-up of each. Returns the path, the best
+    seconds of each, and why: the fastest when it beats every other by ``margin``, else the first of
+    ``PREFERENCE`` among those within the margin of the fastest. A path ``DROP`` times slower than the
+    fastest is timed no more; a path out of GPU memory loses."""
+    best = {path: float("inf") for path in paths}
+    timed, failed = list(paths), set()
     started = clock()
     for round_ in range(max_repeats + 1):
-        order = PATHS if round_ % 2 == 0 else PATHS[::-1]  # neither path always runs second (warmer caches)
-        for path in order:
-            if path in failed:
-                continue
+        for path in timed if round_ % 2 == 0 else timed[::-1]:  # no path always runs last (warmer caches)
             try:
                 synchronize(device)
                 tic = clock()
@@ -221,30 +198,48 @@ def race(run: Callable[[str], None], device: torch.device, margin: float = MARGI
             except torch.cuda.OutOfMemoryError:
                 failed.add(path)
                 torch.cuda.empty_cache()
-        if failed:
+        timed = [path for path in timed if path not in failed]
+        if len(timed) < 2:
             break
-        fast, slow = sorted(PATHS, key=best.get)
+        fast = min(timed, key=best.get)
+        others = [best[p] for p in paths if p != fast and p not in failed]
         # A slow shape spends the budget in one timed round: a clear win then counts, as it would later.
         out_of_time = round_ >= 1 and clock() - started > budget_s
-        if (round_ >= MIN_REPEATS or out_of_time) and best[fast] < (1 - margin) * best[slow]:
-            return fast, best, f"{fast} faster by {100 * (1 - best[fast] / best[slow]):.0f}%"
+        if (round_ >= MIN_REPEATS or out_of_time) and best[fast] < (1 - margin) * min(others):
+            return fast, best, f"{fast} faster by {100 * (1 - best[fast] / min(others)):.0f}%"
         if out_of_time:
             break
-    if failed and len(failed) < len(PATHS):
-        winner = (set(PATHS) - failed).pop()
-        return winner, best, f"{', '.join(sorted(failed))} out of memory"
-    return DEFAULT, best, f"no path faster by {100 * margin:.0f}%: the default"
+        if round_:  # the two fastest race on; a third far behind them is timed no more
+            runner_up = sorted(timed, key=best.get)[1]
+            timed = [path for path in timed if path in (fast, runner_up) or best[path] <= DROP * best[fast]]
+    alive = [p for p in paths if p not in failed]
+    if len(alive) == 1:
+        return alive[0], best, f"{', '.join(sorted(failed))} out of memory"
+    fastest = min(alive, key=best.get)
+    if best[fastest] < (1 - margin) * min(best[p] for p in alive if p != fastest):  # after an out-of-memory
+        runner_up = min(best[p] for p in alive if p != fastest)
+        return fastest, best, f"{fastest} faster by {100 * (1 - best[fastest] / runner_up):.0f}%"
+    tied = [p for p in alive if (1 - margin) * best[p] <= best[fastest]]
+    winner = next(p for p in PREFERENCE if p in tied)
+    if len(tied) == len(alive) == len(paths):
+        return winner, best, f"no path faster by {100 * margin:.0f}%: the default"
+    if winner == DEFAULT:
+        return winner, best, f"{' and '.join(tied)} within {100 * margin:.0f}%: the default"
+    return winner, best, f"{' and '.join(tied)} within {100 * margin:.0f}%: {winner}, preferred ({'/'.join(PREFERENCE)})"
 
 
 class Execution:
     """The decisions of one run (or of ``metarun eval``): ``decisions[shape_key] = {"path", "why", "seconds"}``.
 
-    ``setting`` is ``algo.batching`` (``auto``, ``loop``, ``vmap``); ``task_chunk`` is
-    ``train.task_chunk``; ``cache`` the JSON file shared by the runs of this machine (None: none)."""
+    ``setting`` is ``algo.batching`` (``auto``, ``loop``, ``vmap``, ``threads``); ``task_chunk`` is
+    ``train.task_chunk``; ``cache`` the JSON file shared by the runs of this machine (None: none);
+    ``paths`` the candidates ``auto`` races where they are available (all of ``PATHS`` by default)."""
 
     def __init__(self, setting: str = "auto", task_chunk: int | None = None, cache: Path | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.setting, self.task_chunk, self.cache, self.clock = setting, task_chunk, cache, clock
+                 clock: Callable[[], float] = time.perf_counter, paths: tuple[str, ...] = PATHS):
+        self.setting, self.task_chunk, self.cache, self.clock, self.paths = setting, task_chunk, cache, clock, paths
+        self.threads = task_threads.TaskThreads()
+        self.warned: set[str] = set()  # phases told that the threads path runs as the loop
         self.decisions: dict[str, dict] = {}
         self.chunks: dict[str, int | None] = {}  # auto chunk sizes on CUDA, per shape
         self.resumed_train_path: str | None = None  # a checkpoint's path for the first training shape
@@ -263,7 +258,7 @@ class Execution:
     def path(self, algo, phase: str, episode, iteration: int = 0, steps: int | None = None) -> str:
         """The path of this batch: pinned, decided before (this run, its checkpoint, the disk cache) or tuned now."""
         if self.setting != "auto":
-            return self.setting
+            return self.runnable(self.setting, algo, phase, episode)
         key = shape_key(algo, phase, episode, iteration, steps)
         if phase == "train" and self.resumed_train_path is not None:
             self.decisions[key] = {"path": self.resumed_train_path, "why": "from the checkpoint"}
@@ -278,7 +273,21 @@ class Execution:
                 self.decisions[key] = self.tune(algo, phase, episode, iteration, steps)
                 if self.cache:
                     write_cache(self.cache, machine(device), {key: self.decisions[key]})
-        return self.decisions[key]["path"]
+        return self.runnable(self.decisions[key]["path"], algo, phase, episode)
+
+    def candidates(self, algo, phase: str, episode) -> tuple[str, ...]:
+        return tuple(p for p in self.paths if p != "threads" or task_threads.available(algo, phase, episode))
+
+    def runnable(self, path: str, algo, phase: str, episode) -> str:
+        """``path``, or the loop where ``threads`` cannot run (a GPU, one CPU thread, one task, Reptile's training)."""
+        if path == "threads" and not task_threads.available(algo, phase, episode):
+            if phase not in self.warned:
+                self.warned.add(phase)
+                log.warning(f"execution ({phase}): the threads path needs a CPU with 2 or more intra-op threads, 2 or "
+                            f"more tasks{' and an algorithm without random draws in its meta-loss' if phase == 'train' else ''}; "
+                            f"the loop runs instead")
+            return "loop"
+        return path
 
     def tune(self, algo, phase: str, episode, iteration: int = 0, steps: int | None = None) -> dict:
         """Race the two paths on ``episode``. Parameters, their ``.grad`` and the random streams are
@@ -291,14 +300,14 @@ class Execution:
         def run(path: str) -> None:
             algo.tuned_batching = path
             if phase == "train":
-                meta_gradient(algo, episode, iteration, chunk, params=params)
+                meta_gradient(algo, episode, iteration, chunk, params=params, threads=self.pool(path))
             else:
                 with torch.no_grad():
-                    algo.evaluate(episode, steps)
+                    self.run_evaluation(algo, episode, steps, path)
 
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                path, seconds, why = race(run, device, clock=self.clock)
+                path, seconds, why = race(run, device, self.candidates(algo, phase, episode), clock=self.clock)
         finally:
             algo.tuned_batching = saved
         cost = self.clock() - started
@@ -324,12 +333,21 @@ class Execution:
     def meta_gradient(self, algo, episode, iteration: int = 0):
         """Accumulate ``episode``'s meta-gradient into ``.grad`` on the decided path; (loss, metrics) detached."""
         self.current = algo.tuned_batching = self.path(algo, "train", episode, iteration)
-        loss, metrics, _ = meta_gradient(algo, episode, iteration, self.chunk(algo, episode, iteration))
+        loss, metrics, _ = meta_gradient(algo, episode, iteration, self.chunk(algo, episode, iteration),
+                                         threads=self.pool(self.current))
         return loss, metrics
 
     def evaluate(self, algo, episode, steps: int) -> torch.Tensor:
-        with on_path(algo, self.path(algo, "eval", episode, steps=steps)):
+        return self.run_evaluation(algo, episode, steps, self.path(algo, "eval", episode, steps=steps))
+
+    def run_evaluation(self, algo, episode, steps: int, path: str) -> torch.Tensor:
+        if path == "threads":
+            return torch.cat(self.threads.map(algo, episode, lambda worker, block: worker.evaluate(block, steps)))
+        with on_path(algo, path):
             return algo.evaluate(episode, steps)
+
+    def pool(self, path: str) -> "task_threads.TaskThreads | None":
+        return self.threads if path == "threads" else None
 
 
 class on_path:

@@ -21,6 +21,7 @@ from metarun.utils.checkpoint import load_checkpoint, save_checkpoint
 from support import TINY_SINUSOID, compose_config, random_image_episode, read_metrics
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 5
+THREADED = torch.get_num_threads() >= 2  # the threads path is a candidate (on this CPU, with TASKS tasks)
 
 
 def network(out_features=WAYS):
@@ -81,39 +82,53 @@ def test_task_chunk_is_validated():
 
 
 # -- decisions ------------------------------------------------------------------------------------
+REAL_RACE = ex.race
+
+
 class FakeClock:
-    """Time that only the slow path advances: real timings on a loaded machine decide nothing in a test."""
+    """Time that only the paths' stated costs advance, per run of a path in the race (a path without a
+    stated cost takes 1 s): real timings on a loaded machine decide nothing in a test. The paths run for real."""
 
-    def __init__(self, algo, costs):
-        self.now, self.algo, self.costs = 0.0, algo, costs
-        self.runs = {"loop": 0, "vmap": 0}
-        real = algo.meta_loss
-
-        def meta_loss(*args, **kwargs):
-            path = algo.path(args[0].support_x.device)
-            self.runs[path] += 1
-            self.now += self.costs[path]
-            return real(*args, **kwargs)
-
-        algo.meta_loss = meta_loss
+    def __init__(self, costs):
+        self.now, self.costs = 0.0, costs
+        self.runs = dict.fromkeys(ex.PATHS, 0)
 
     def __call__(self):
         return self.now
 
+    def race(self, run, device, paths=("loop", "vmap"), **kwargs):
+        def timed(path):
+            self.runs[path] += 1
+            run(path)
+            self.now += self.costs.get(path, 1.0)
 
-def tuned(costs, cache=None, batching="auto"):
-    algo = ALGORITHMS["maml"](batching)
-    clock = FakeClock(algo, costs)
-    return algo, clock, Execution(batching, None, cache, clock=clock)
+        return REAL_RACE(timed, device, paths, **kwargs)
 
 
-def test_a_clear_winner_is_kept_per_shape_and_each_shape_is_timed_once(caplog):
+def no_runs(**runs):
+    return {**dict.fromkeys(ex.PATHS, 0), **runs}
+
+
+@pytest.fixture
+def tuned(monkeypatch):
+    """``tuned(costs, cache=None, batching="auto")``: MAML, a FakeClock racing with ``costs``, and an Execution."""
+    def make(costs, cache=None, batching="auto"):
+        algo = ALGORITHMS["maml"](batching)
+        clock = FakeClock(costs)
+        monkeypatch.setattr(ex, "race", clock.race)
+        return algo, clock, Execution(batching, None, cache, clock=clock)
+
+    return make
+
+
+def test_a_clear_winner_is_kept_per_shape_and_each_shape_is_timed_once(tuned, caplog):
     algo, clock, execution = tuned({"loop": 0.0, "vmap": 0.05})
     episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
     with caplog.at_level(logging.INFO, logger="metarun"):
         assert execution.path(algo, "train", episode) == "loop"
     runs = dict(clock.runs)
-    assert runs == {"loop": 3, "vmap": 3}  # a warm-up and two interleaved timed rounds each
+    # a warm-up and two interleaved timed rounds each; threads (1 s) was dropped after its first timed round
+    assert runs == no_runs(loop=3, vmap=3, threads=2 * THREADED)
     assert execution.path(algo, "train", episode) == "loop" and clock.runs == runs  # the same shape: cached
     clock.costs = {"loop": 0.05, "vmap": 0.0}
     assert execution.path(algo, "train", episode.tasks(0, 2)) == "vmap"  # a new shape (2 tasks) is timed
@@ -122,25 +137,25 @@ def test_a_clear_winner_is_kept_per_shape_and_each_shape_is_timed_once(caplog):
     assert "loop (loop faster by 100%" in line and "tasks=5" in line and "tuning took" in line
 
 
-def test_a_clear_winner_found_when_the_budget_runs_out_is_kept():
+def test_a_clear_winner_found_when_the_budget_runs_out_is_kept(tuned):
     # A meta-gradient slow enough that the warm-up and one timed round spend the budget: the loop's 3 s
     # against vmap's 0.1 s is still a clear win (it once fell back to the default, the 18x slower loop).
     algo, clock, execution = tuned({"loop": 3.0, "vmap": 0.1})
     episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
     assert execution.path(algo, "train", episode) == "vmap"
-    assert clock.runs == {"loop": 2, "vmap": 2}  # a warm-up and one timed round each
+    assert clock.runs == no_runs(loop=2, vmap=2, threads=2 * THREADED)  # a warm-up and one timed round each
 
 
-def test_without_a_clear_margin_the_default_runs():
+def test_without_a_clear_margin_the_default_runs(tuned):
     # 5% apart: under the 10% margin, so all rounds are timed and the loop (the default) runs.
     algo, clock, execution = tuned({"loop": 0.105, "vmap": 0.100})
     episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
     assert execution.path(algo, "train", episode) == ex.DEFAULT == "loop"
-    assert clock.runs == {"loop": ex.MAX_REPEATS + 1, "vmap": ex.MAX_REPEATS + 1}
+    assert clock.runs == no_runs(loop=ex.MAX_REPEATS + 1, vmap=ex.MAX_REPEATS + 1, threads=2 * THREADED)
     assert "default" in next(iter(execution.decisions.values()))["why"]
 
 
-def test_tuning_changes_no_number():
+def test_tuning_changes_no_number(tuned):
     algo, clock, execution = tuned({"loop": 0.0, "vmap": 0.05})
     episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
     state = {k: v.clone() for k, v in algo.state_dict().items()}
@@ -151,7 +166,7 @@ def test_tuning_changes_no_number():
     assert all(torch.equal(v, state[k]) for k, v in algo.state_dict().items()) and algo.tuned_batching is None
 
 
-def test_evaluation_is_decided_on_its_own_shape():
+def test_evaluation_is_decided_on_its_own_shape(tuned):
     algo, clock, execution = tuned({"loop": 0.05, "vmap": 0.0})
     train_episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
     assert execution.path(algo, "train", train_episode) == "vmap"
@@ -163,7 +178,7 @@ def test_evaluation_is_decided_on_its_own_shape():
     assert [d["path"] for k, d in sorted(execution.decisions.items())] == ["loop", "vmap"]
 
 
-def test_the_disk_cache_spares_a_second_run_its_tuning(tmp_path):
+def test_the_disk_cache_spares_a_second_run_its_tuning(tuned, tmp_path):
     cache = tmp_path / "execution.json"
     episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
     algo, clock, first = tuned({"loop": 0.05, "vmap": 0.0}, cache)
@@ -171,11 +186,11 @@ def test_the_disk_cache_spares_a_second_run_its_tuning(tmp_path):
     assert json.loads(cache.read_text())  # written, and no temporary file left behind
     assert [p.name for p in tmp_path.iterdir()] == ["execution.json"]
     algo, clock, second = tuned({"loop": 0.0, "vmap": 0.05}, cache)  # timings that would now choose the loop
-    assert second.path(algo, "train", episode) == "vmap" and clock.runs == {"loop": 0, "vmap": 0}
+    assert second.path(algo, "train", episode) == "vmap" and clock.runs == no_runs()
     assert "cached" in next(iter(second.decisions.values()))["why"]
 
 
-def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(tmp_path, caplog):
+def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(tuned, tmp_path, caplog):
     cache = tmp_path / "execution.json"
     cache.write_text("{not json")
     algo, clock, execution = tuned({"loop": 0.05, "vmap": 0.0}, cache)
@@ -185,13 +200,13 @@ def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(tmp_path, 
     assert clock.runs["vmap"] > 0 and len(json.loads(cache.read_text())) == 1
 
 
-def test_a_pinned_path_is_never_timed(tmp_path):
+def test_a_pinned_path_is_never_timed(tuned, tmp_path):
     algo, clock, execution = tuned({"loop": 0.0, "vmap": 0.05}, tmp_path / "execution.json", batching="vmap")
     assert execution.path(algo, "train", random_image_episode(TASKS, WAYS, SHOTS, QUERIES)) == "vmap"
-    assert clock.runs == {"loop": 0, "vmap": 0} and not (tmp_path / "execution.json").exists()
+    assert clock.runs == no_runs() and not (tmp_path / "execution.json").exists()
 
 
-def test_decisions_round_trip_through_a_checkpoint_state():
+def test_decisions_round_trip_through_a_checkpoint_state(tuned):
     algo, clock, execution = tuned({"loop": 0.05, "vmap": 0.0})
     episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES)
     execution.path(algo, "train", episode)
@@ -199,8 +214,8 @@ def test_decisions_round_trip_through_a_checkpoint_state():
     restored = Execution("auto", None, None)
     restored.load_state_dict(execution.state_dict())
     assert {k: v["path"] for k, v in restored.decisions.items()} == {k: v["path"] for k, v in execution.decisions.items()}
-    clock.runs = {"loop": 0, "vmap": 0}
-    assert restored.path(algo, "train", episode) == "vmap" and clock.runs == {"loop": 0, "vmap": 0}
+    clock.runs = no_runs()
+    assert restored.path(algo, "train", episode) == "vmap" and clock.runs == no_runs()
     junk = Execution("auto", None, None)
     junk.load_state_dict({"decisions": {"k": {"path": "fast"}, 3: "x"}})  # untrusted: malformed entries dropped
     assert junk.decisions == {}
@@ -222,11 +237,11 @@ def test_a_run_resumes_with_the_decisions_of_its_checkpoint(tmp_path, monkeypatc
         k in decisions for m in json.loads(ex_cache.read_text()).values() for k in m)
 
 
-@pytest.mark.parametrize("path", ["loop", "vmap"])
+@pytest.mark.parametrize("path", ["loop", "vmap", "threads"])
 def test_a_pinned_run_equals_an_auto_run_that_chose_its_path(tmp_path, monkeypatch, path):
     base = TINY_SINUSOID + ["train.task_chunk=3"]  # chunks of 3 and 1 tasks: the same numbers as whole batches
     with monkeypatch.context() as m:  # the race's outcome, fixed: real timings decide nothing in a test
-        m.setattr(ex, "race", lambda run, device, **kw: (path, {"loop": 1.0, "vmap": 1.0}, "fixed by the test"))
+        m.setattr(ex, "race", lambda run, device, paths, **kw: (path, dict.fromkeys(paths, 1.0), "fixed by the test"))
         train(compose_config(base), tmp_path / "auto")
     train(compose_config(base + [f"algo.batching={path}"]), tmp_path / "pinned")
     auto, pinned = read_metrics(tmp_path / "auto"), read_metrics(tmp_path / "pinned")

@@ -20,7 +20,7 @@ from metarun.execution import synchronize  # noqa: F401  (benchmarks time with i
 
 # The kind of problem a task poses (a few-shot *task* is one draw of support and query sets).
 PROBLEMS = ("classification", "regression")
-BATCHING = ("auto", "loop", "vmap")
+BATCHING = ("auto", "loop", "vmap", "threads")
 
 
 def problem_loss(output: torch.Tensor, target: torch.Tensor, problem: str) -> torch.Tensor:
@@ -82,7 +82,8 @@ class MetaAlgorithm(nn.Module):
         return metric_name(self.problem)
 
     def path(self, device: torch.device) -> str:
-        """The execution path a batch of tasks takes on ``device``: ``loop`` or ``vmap``."""
+        """The execution path a batch of tasks takes on ``device``: ``loop``, ``vmap`` or ``threads``
+        (which ``metarun.execution`` runs as loops on worker threads; a direct call runs it as the loop)."""
         if self.batching != "auto":
             return self.batching
         if self.tuned_batching is not None:

@@ -86,6 +86,7 @@ def task_generators(episode: Episode) -> list[torch.Generator]:
 
 class Reptile(MetaAlgorithm):
     learns_from_queries = False  # its outer step follows the adapted weights; queries only score the tasks
+    parallel_tasks_in_training = False  # its training mini-batch orders come from the global RNG (see task_threads)
 
     def __init__(
         self,

@@ -8,7 +8,9 @@ round is reported.
     METARUN_DATA_DIR=../shared/data python benchmarks/bench_maml.py [--device auto] [--rounds 5]
 
 References: ``reference`` is the textbook per-task loop (``torch.autograd.grad(create_graph=True)``
-and one backward per task); ``higher`` (Grefenstette et al.) runs when it is installed. Episode
+and one backward per task) on the same network; ``higher`` (Grefenstette et al.) runs when it is
+installed. metarun's ``loop``, ``vmap`` and ``threads`` paths and ``auto`` (which races them) run
+through ``metarun.execution`` as a training run does. Episode
 sampling is compared with decoding PNGs with PIL per image, as the peers' datasets do.
 """
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import benchmark_parser  # noqa: E402
 from metarun.algos.base import synchronize  # noqa: E402
 from metarun.algos.maml import MAML  # noqa: E402
+from metarun.execution import Execution  # noqa: E402
 from metarun.data.omniglot import OmniglotTasks  # noqa: E402
 from metarun.models import Conv4  # noqa: E402
 from metarun.utils.runtime import resolve_device  # noqa: E402
@@ -40,17 +43,17 @@ WAYS, SHOTS, QUERIES, TASKS, INNER_LR = 5, 1, 15, 32, 0.4
 
 
 def metarun_step(batching):
-    """``auto`` times both paths at its first (warm-up) call and keeps the faster, as ``metarun train``."""
+    """metarun's meta-gradient through its execution module, as ``metarun train`` takes it: ``auto`` races
+    the paths at its first (warm-up) call and keeps the fastest; ``threads`` splits the tasks over the cores."""
+    execution = Execution(batching, None, None)  # no disk cache: every run of the benchmark tunes afresh
+    algos = {}
+
     def step(model, optimizer, episode):
-        algo = MAML(model, "classification", inner_lr=INNER_LR, inner_steps=1, batching=batching)
-        if batching == "auto":
-            if step.path is None:
-                algo.tune_batching(episode)
-                step.path = algo.tuned_batching
-            algo.tuned_batching = step.path
-        loss, _ = algo.meta_loss(episode)
+        algo = algos.setdefault(id(model), MAML(model, "classification", inner_lr=INNER_LR, inner_steps=1,
+                                                batching=batching))
         optimizer.zero_grad()
-        loss.backward()
+        execution.meta_gradient(algo, episode)
+        step.path = execution.current
         optimizer.step()
 
     step.path = None
@@ -149,7 +152,7 @@ def main():
     episodes = [data.sample("train", TASKS, torch.Generator().manual_seed(i)) for i in range(3)]
 
     variants = {"reference": reference_step, "loop": metarun_step("loop"), "vmap": metarun_step("vmap"),
-                "auto": metarun_step("auto")}
+                "threads": metarun_step("threads"), "auto": metarun_step("auto")}
     if higher_step() is not None:
         variants["higher"] = higher_step()
     seconds = time_rounds(variants, episodes, device, args.rounds)

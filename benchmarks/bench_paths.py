@@ -8,12 +8,15 @@ the parameters); the optimiser step is the same for every path and left out.
 Variants (each checked to give the reference's meta-gradient, float32 ``allclose``):
 
 - ``reference``: the textbook per-task loop (``torch.autograd.grad(create_graph=True)``, one backward
-  per task), as bench_maml.py; ``metarun loop`` / ``metarun vmap``: metarun's two paths today;
+  per task) on the same network, as bench_maml.py; ``metarun loop`` / ``vmap`` / ``threads``:
+  metarun's paths (``threads`` through ``metarun.execution.meta_gradient``, as a run takes it);
+- ``reference, elementary batch norm``: the reference with metarun's batch norm forced to its
+  elementary-op form, which every path ran before the loop took the fused kernel (the gain of that);
 - ``@1 thread``: the same with ``torch.set_num_threads(1)`` instead of the machine's default;
 - ``vmap chunks of C``: metarun's vmap path over C tasks at a time, meta-gradient accumulated;
 - ``channels_last``: network weights and images in channels-last memory format;
-- ``2 threads x 1``: the tasks split in halves over two Python threads, each with one intra-op thread
-  (``torch.set_num_threads(1)`` in the worker), half meta-gradients summed;
+- ``metarun threads``: the tasks split in blocks over one Python thread per intra-op thread, each
+  worker with one intra-op thread, the blocks' meta-gradients summed (``metarun.task_threads``);
 - ``2 processes x 1``: the same over two spawned processes sharing the parameters and episodes;
 - ``torch.compile``: ``torch.compile(torch.func.grad(per-task meta-loss))``, called task by task, in a
   child process with a time limit (``--compile-timeout``), timed there against its own reference;
@@ -39,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -51,7 +53,9 @@ from torch.func import functional_call, grad
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import benchmark_parser  # noqa: E402
 from metarun.config import conf_dir  # noqa: E402
+from metarun import execution, task_threads  # noqa: E402
 from metarun.data.episode import Episode  # noqa: E402
+from metarun.models.batchnorm import BatchStatNorm  # noqa: E402
 from metarun.utils.runtime import build  # noqa: E402
 
 EXPERIMENT = "maml_omniglot_5w1s"
@@ -166,26 +170,30 @@ def half_meta_grad(algo, ep, a, b, total):
     return torch.autograd.grad(loss * ((b - a) / total), params_of(algo))
 
 
-def thread_workers(algo, episodes, workers=2):
-    # functional_call swaps a module's attributes while it runs, so concurrent calls on one module race:
-    # each worker gets its own module objects holding the same parameter tensors.
-    copies = [copy.deepcopy(algo, memo={id(p): p for p in algo.parameters()}) for _ in range(workers)]
-    for c in copies:
-        c.batching = "loop"
-    pool = ThreadPoolExecutor(workers)
-
-    def job(w, i, a, b):
-        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: this worker gets one
-        return half_meta_grad(copies[w], episodes[i], a, b, episodes[i].num_tasks)
+def metarun_threads(algo, episodes):
+    """metarun's ``threads`` path as a training run takes it (``metarun.execution.meta_gradient``)."""
+    pool = task_threads.TaskThreads()
 
     def run(i):
-        n = episodes[i].num_tasks
-        bounds = [(n * w // workers, n * (w + 1) // workers) for w in range(workers)]
-        parts = [f.result() for f in [pool.submit(job, w, i, a, b) for w, (a, b) in enumerate(bounds)]]
-        return [sum(gs) for gs in zip(*parts)]
+        for p in params_of(algo):
+            p.grad = None
+        execution.meta_gradient(algo, episodes[i], 0, threads=pool)
+        return [p.grad for p in params_of(algo)]
 
-    run.close = pool.shutdown
+    run.close = pool.close
     return run
+
+
+def elementary_batch_norm(run):
+    """``run`` with BatchStatNorm in its elementary-op form everywhere (the network as it was before the fused kernel)."""
+    def elementary(i):
+        fused, BatchStatNorm.forward = BatchStatNorm.forward, BatchStatNorm.elementary
+        try:
+            return run(i)
+        finally:
+            BatchStatNorm.forward = fused
+
+    return elementary
 
 
 def _process_worker(algo, episodes, jobs, results):
@@ -327,6 +335,8 @@ def variants(algo, episodes, args, threads):
     out = {
         "reference": (reference(algo, episodes), threads, "textbook per-task loop"),
         f"reference {at_other}": (reference(algo, episodes), other, ""),
+        "reference, elementary batch norm": (elementary_batch_norm(reference(algo, episodes)), threads,
+                                             "the network's batch norm as before the fused kernel"),
         "metarun loop": (metarun_path(algo, episodes, "loop"), threads, ""),
         f"metarun loop {at_other}": (metarun_path(algo, episodes, "loop"), other, ""),
         "metarun vmap": (metarun_path(algo, episodes, "vmap"), threads, ""),
@@ -337,7 +347,8 @@ def variants(algo, episodes, args, threads):
             out[f"vmap chunks of {c}"] = (metarun_path(algo, episodes, "vmap", chunk=c), threads, "")
     out["channels_last reference"] = (channels_last(algo, episodes), threads, "")
     out["channels_last metarun loop"] = (channels_last(algo, episodes, "loop"), threads, "")
-    out["2 threads x 1 intra-op"] = (thread_workers(algo, episodes), threads, "metarun loop per half")
+    out["metarun threads"] = (metarun_threads(algo, episodes), threads,
+                              f"{task_threads.workers_for(torch.device('cpu'), args.meta_batch)} workers x 1 intra-op thread")
     if "processes" not in args.skip:
         out["2 processes x 1 intra-op"] = (process_workers(algo, episodes), threads, "metarun loop per half, spawn")
     out["torch.func loop (functional=True)"] = (functional_loop(algo, episodes), threads, "outer backward")

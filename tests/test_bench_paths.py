@@ -19,9 +19,10 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_paths  # noqa: E402
 
 # At one intra-op thread (--threads 1), with the same at two threads alongside.
-CANDIDATES = ["reference", "reference @2 threads", "metarun loop", "metarun loop @2 threads", "metarun vmap",
-              "metarun vmap @2 threads", "vmap chunks of 2", "channels_last reference", "channels_last metarun loop",
-              "2 threads x 1 intra-op", "torch.func loop (functional=True)", "torch.func grad loop"]
+CANDIDATES = ["reference", "reference @2 threads", "reference, elementary batch norm", "metarun loop",
+              "metarun loop @2 threads", "metarun vmap", "metarun vmap @2 threads", "vmap chunks of 2",
+              "channels_last reference", "channels_last metarun loop", "metarun threads",
+              "torch.func loop (functional=True)", "torch.func grad loop"]
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_every_candidate_gives_the_reference_meta_gradient_in_float64(tmp_path, 
         assert len(grads) == len(ref), name
         for g, r in zip(grads, ref):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=name)
-    table["2 threads x 1 intra-op"][0].close()
+    table["metarun threads"][0].close()
 
 
 def test_bench_paths_reports_every_candidate_with_its_speed_and_gradient_check(tmp_path):

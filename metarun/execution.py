@@ -182,8 +182,9 @@ def race(run: Callable[[str], None], device: torch.device, paths: tuple[str, ...
     """Time ``run(path)`` for ``paths``, interleaved, after a warm-up of each. Returns the path, the best
     seconds of each, and why: the fastest when it beats every other by ``margin``, else the first of
     ``PREFERENCE`` among those within the margin of the fastest. A path ``DROP`` times slower than the
-    fastest is timed no more; a path out of GPU memory loses."""
-    best = {path: float("inf") for path in paths}
+    fastest is timed no more; a path out of GPU memory loses. Where the warm-up round alone spends
+    ``budget_s``, its times decide, so a slow shape costs one call of each path."""
+    best, warm = {path: float("inf") for path in paths}, {}
     timed, failed = list(paths), set()
     started = clock()
     for round_ in range(max_repeats + 1):
@@ -193,12 +194,18 @@ def race(run: Callable[[str], None], device: torch.device, paths: tuple[str, ...
                 tic = clock()
                 run(path)
                 synchronize(device)
+                seconds = clock() - tic
                 if round_:
-                    best[path] = min(best[path], clock() - tic)
+                    best[path] = min(best[path], seconds)
+                else:
+                    warm[path] = seconds
             except torch.cuda.OutOfMemoryError:
                 failed.add(path)
                 torch.cuda.empty_cache()
         timed = [path for path in timed if path not in failed]
+        if not round_ and clock() - started > budget_s:  # a shape so slow that the warm-up spent the budget
+            best.update(warm)  # decides on the warm-up's times (first-call costs are small beside them)
+            break
         if len(timed) < 2:
             break
         fast = min(timed, key=best.get)
@@ -244,6 +251,7 @@ class Execution:
         self.chunks: dict[str, int | None] = {}  # auto chunk sizes on CUDA, per shape
         self.resumed_train_path: str | None = None  # a checkpoint's path for the first training shape
         self.current: str | None = None  # the path of the last training meta-gradient
+        self.tuning_seconds = 0.0  # what tuning cost this process (decisions from a cache or checkpoint cost none)
 
     def state_dict(self) -> dict:
         return {"decisions": self.decisions}
@@ -311,6 +319,7 @@ class Execution:
         finally:
             algo.tuned_batching = saved
         cost = self.clock() - started
+        self.tuning_seconds += cost
         timed = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in seconds.items())
         log.info(f"execution ({phase}, {describe(shape_key(algo, phase, episode, iteration, steps))}): {path} "
                  f"({why}; {timed}; tuning took {cost:.1f} s)")

@@ -194,6 +194,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     finally:
         logger.close()
 
+    attempt_seconds = time.perf_counter() - started
+    if execution.tuning_seconds:
+        log.info(f"execution: tuning took {execution.tuning_seconds:.1f} s in this run "
+                 f"({100 * execution.tuning_seconds / max(attempt_seconds, 1e-9):.1f}% of its {attempt_seconds:.0f} s)")
     results = {
         "task": algo.problem, "metric": metric,  # "task": the key predates the name "problem"; metrics.json keeps it
         "test": test, "val": {**(best or {}), "history": history},
@@ -202,6 +206,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         "wall_clock_seconds": round(wall_seconds + time.perf_counter() - started, 3),  # the whole run, every attempt
         "batching": {"setting": algo.batching, "path": execution.current or algo.path(device),
                      "task_chunk": cfg.train.get("task_chunk"),
+                     "tuning_seconds": round(execution.tuning_seconds, 3),  # this attempt's
                      "decisions": {k: v["path"] for k, v in execution.decisions.items()}},
         "protocol": protocol(cfg, algo),
     }

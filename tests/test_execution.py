@@ -146,6 +146,28 @@ def test_a_clear_winner_found_when_the_budget_runs_out_is_kept(tuned):
     assert clock.runs == no_runs(loop=2, vmap=2, threads=2 * THREADED)  # a warm-up and one timed round each
 
 
+def test_a_shape_whose_warm_up_spends_the_budget_is_decided_on_its_warm_up():
+    # ProtoNets 20-way 5-shot once took 78 s to tune: a path call slower than the budget is made once, not again.
+    clock, runs = [0.0], {}
+    costs = {"loop": 4.0, "vmap": 1.0, "threads": 3.0}
+
+    def run(path):
+        runs[path] = runs.get(path, 0) + 1
+        clock[0] += costs[path]
+
+    path, best, why = ex.race(run, torch.device("cpu"), tuple(costs), clock=lambda: clock[0], budget_s=5.0)
+    assert path == "vmap" and runs == dict.fromkeys(costs, 1) and best == costs and "faster by 67%" in why
+
+
+def test_a_run_logs_and_records_what_tuning_cost(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(ex.CACHE_ENV, str(tmp_path / "fresh.json"))  # nothing decided before: this run tunes
+    with caplog.at_level(logging.INFO, logger="metarun"):
+        train(compose_config(TINY_SINUSOID + ["train.iterations=2", "train.val_every=2"]), tmp_path / "run")
+    recorded = read_metrics(tmp_path / "run")["batching"]["tuning_seconds"]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("execution: tuning took"))
+    assert recorded > 0 and f"{recorded:.1f} s in this run" in line and "% of its" in line
+
+
 def test_without_a_clear_margin_the_default_runs(tuned):
     # 5% apart: under the 10% margin, so all rounds are timed and the loop (the default) runs.
     algo, clock, execution = tuned({"loop": 0.105, "vmap": 0.100})

@@ -18,17 +18,17 @@ derivative order, network, dtype, device, CPU threads), the first time that shap
   resumed run keeps its paths) and cached on disk per machine and torch version
   (``cache_path()``), so the jobs of a sweep tune once.
 
-``algo.batching=loop|vmap|threads`` pins the path; a pinned run equals an auto run that chose it.
-``threads`` (``metarun.task_threads``) needs a CPU with at least two intra-op threads; elsewhere it
-runs as the loop.
+``algo.batching=loop|vmap|threads|graphs`` pins the path; a pinned run equals an auto run that
+chose it. ``threads`` (``metarun.task_threads``) needs a CPU with two or more intra-op threads,
+``graphs`` (``metarun.cuda_graphs``) CUDA and an iteration-independent meta-loss; elsewhere the loop runs.
 
 Memory: a meta-batch runs in chunks of at most ``task_chunk`` tasks (``train.task_chunk``), each
-chunk's meta-loss scaled by its share of the tasks and backpropagated on its own, so the
-accumulated gradient is the unchunked one (a float64 test proves it for every algorithm) while the
-graph of only one chunk is alive. ``task_chunk=null`` runs whole meta-batches on the CPU and, on
-CUDA, chooses the chunk from the free memory and the measured peak of one task's meta-gradient.
+chunk's meta-loss scaled by its share and backpropagated on its own: the gradient is the unchunked
+one (tested in float64 for every algorithm) with one chunk's graph alive. ``task_chunk=null`` runs
+whole meta-batches on the CPU and, on CUDA, a chunk that fits the free memory (one task's peak measured).
 """
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -37,14 +37,14 @@ from pathlib import Path
 import torch
 from torch.func import vmap
 
-from metarun import task_threads
-from metarun.execution_cache import CACHE_ENV, cache_path, machine, read_cache, write_cache  # noqa: F401 (re-exported)
+from metarun import cuda_graphs, task_threads
+from metarun.execution_cache import CACHE_ENV, cache_path, machine, read_cache, write_cache  # noqa: F401
 from metarun.utils import stop
 
 log = logging.getLogger("metarun")
 
-PATHS = ("loop", "vmap", "threads")
-PREFERENCE = ("loop", "threads", "vmap")  # who wins a tie (times within MARGIN of the fastest)
+PATHS = ("loop", "vmap", "threads", "graphs")
+PREFERENCE = ("loop", "threads", "vmap", "graphs")  # who wins a tie (times within MARGIN of the fastest)
 DEFAULT = PREFERENCE[0]
 MARGIN = 0.10  # the winner's best time must be at least this much below the loser's
 MAX_REPEATS = 5  # timed rounds at most (after one warm-up round)
@@ -55,8 +55,7 @@ MEMORY_SHARE = 0.8  # auto chunks on CUDA fill at most this share of the free me
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so wall-clock timings measure it."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # wait for the device's queued work, so wall-clock timings measure it
         torch.cuda.synchronize(device)
 
 
@@ -182,10 +181,10 @@ def race(run: Callable[[str], None], device: torch.device, paths: tuple[str, ...
     """Time ``run(path)`` for ``paths``, interleaved, after a warm-up of each. Returns the path, the best
     seconds of each, and why: the fastest when it beats every other by ``margin``, else the first of
     ``PREFERENCE`` among those within the margin of the fastest. A path ``DROP`` times slower than the
-    fastest is timed no more; a path out of GPU memory loses. Where the warm-up round alone spends
+    fastest is timed no more; a path out of GPU memory, or whose CUDA graph cannot be captured, loses. Where the warm-up round alone spends
     ``budget_s``, its times decide, so a slow shape costs one call of each path."""
     best, warm = {path: float("inf") for path in paths}, {}
-    timed, failed = list(paths), set()
+    timed, failed = list(paths), {}  # failed: path -> why it cannot run this shape
     started = clock()
     for round_ in range(max_repeats + 1):
         for path in timed if round_ % 2 == 0 else timed[::-1]:  # no path always runs last (warmer caches)
@@ -200,8 +199,10 @@ def race(run: Callable[[str], None], device: torch.device, paths: tuple[str, ...
                 else:
                     warm[path] = seconds
             except torch.cuda.OutOfMemoryError:
-                failed.add(path)
+                failed[path] = "out of memory"
                 torch.cuda.empty_cache()
+            except cuda_graphs.Unavailable as e:
+                failed[path] = str(e)
         timed = [path for path in timed if path not in failed]
         if not round_ and clock() - started > budget_s:  # a shape so slow that the warm-up spent the budget
             best.update(warm)  # decides on the warm-up's times (first-call costs are small beside them)
@@ -220,8 +221,10 @@ def race(run: Callable[[str], None], device: torch.device, paths: tuple[str, ...
             runner_up = sorted(timed, key=best.get)[1]
             timed = [path for path in timed if path in (fast, runner_up) or best[path] <= DROP * best[fast]]
     alive = [p for p in paths if p not in failed]
+    if not alive:  # every path failed: the default, which will say why itself
+        return DEFAULT, best, "; ".join(f"{p}: {why}" for p, why in sorted(failed.items()))
     if len(alive) == 1:
-        return alive[0], best, f"{', '.join(sorted(failed))} out of memory"
+        return alive[0], best, "; ".join(f"{p}: {why}" for p, why in sorted(failed.items()))
     fastest = min(alive, key=best.get)
     if best[fastest] < (1 - margin) * min(best[p] for p in alive if p != fastest):  # after an out-of-memory
         runner_up = min(best[p] for p in alive if p != fastest)
@@ -246,7 +249,9 @@ class Execution:
                  clock: Callable[[], float] = time.perf_counter, paths: tuple[str, ...] = PATHS):
         self.setting, self.task_chunk, self.cache, self.clock, self.paths = setting, task_chunk, cache, clock, paths
         self.threads = task_threads.TaskThreads()
-        self.warned: set[str] = set()  # phases told that the threads path runs as the loop
+        self.graphed: dict[str, cuda_graphs.Graphed] = {}  # captured training shapes (the graphs path)
+        self.capture = cuda_graphs.capture  # how a graph is captured (tests: cuda_graphs.eager_capture)
+        self.warned: set[tuple[str, str]] = set()  # (path, phase) told that the path runs as the loop
         self.decisions: dict[str, dict] = {}
         self.chunks: dict[str, int | None] = {}  # auto chunk sizes on CUDA, per shape
         self.resumed_train_path: str | None = None  # a checkpoint's path for the first training shape
@@ -283,19 +288,29 @@ class Execution:
                     write_cache(self.cache, machine(device), {key: self.decisions[key]})
         return self.runnable(self.decisions[key]["path"], algo, phase, episode)
 
+    def available(self, path: str, algo, phase: str, episode) -> bool:
+        if path == "threads":
+            return task_threads.available(algo, phase, episode)
+        if path == "graphs":
+            return phase == "train" and cuda_graphs.available(algo, episode, self.task_chunk)
+        return True
+
     def candidates(self, algo, phase: str, episode) -> tuple[str, ...]:
-        return tuple(p for p in self.paths if p != "threads" or task_threads.available(algo, phase, episode))
+        return tuple(p for p in self.paths if self.available(p, algo, phase, episode))
 
     def runnable(self, path: str, algo, phase: str, episode) -> str:
-        """``path``, or the loop where ``threads`` cannot run (a GPU, one CPU thread, one task, Reptile's training)."""
-        if path == "threads" and not task_threads.available(algo, phase, episode):
-            if phase not in self.warned:
-                self.warned.add(phase)
-                log.warning(f"execution ({phase}): the threads path needs a CPU with 2 or more intra-op threads, 2 or "
-                            f"more tasks{' and an algorithm without random draws in its meta-loss' if phase == 'train' else ''}; "
-                            f"the loop runs instead")
-            return "loop"
-        return path
+        """``path``, or the loop where it cannot run: ``threads`` on a GPU, with one CPU thread or one task, or for
+        Reptile's training; ``graphs`` off CUDA, at evaluation, with task chunks or for MAML++ and Reptile."""
+        if self.available(path, algo, phase, episode):
+            return path
+        if (path, phase) not in self.warned:
+            self.warned.add((path, phase))
+            needs = {"threads": "a CPU with 2 or more intra-op threads, 2 or more tasks and, in training, an algorithm "
+                                "without random draws in its meta-loss",
+                     "graphs": "CUDA, the training phase, no train.task_chunk and an algorithm whose meta-loss is the "
+                               "same at every iteration"}[path]
+            log.warning(f"execution ({phase}): the {path} path needs {needs}; the loop runs instead")
+        return "loop"
 
     def tune(self, algo, phase: str, episode, iteration: int = 0, steps: int | None = None) -> dict:
         """Race the two paths on ``episode``. Parameters, their ``.grad`` and the random streams are
@@ -307,7 +322,9 @@ class Execution:
 
         def run(path: str) -> None:
             algo.tuned_batching = path
-            if phase == "train":
+            if phase == "train" and path == "graphs":
+                self.graphed_gradient(algo, episode, iteration, params)
+            elif phase == "train":
                 meta_gradient(algo, episode, iteration, chunk, params=params, threads=self.pool(path))
             else:
                 with torch.no_grad():
@@ -342,9 +359,17 @@ class Execution:
     def meta_gradient(self, algo, episode, iteration: int = 0):
         """Accumulate ``episode``'s meta-gradient into ``.grad`` on the decided path; (loss, metrics) detached."""
         self.current = algo.tuned_batching = self.path(algo, "train", episode, iteration)
+        if self.current == "graphs":
+            loss, metrics, _ = self.graphed_gradient(algo, episode, iteration)
+            return loss, metrics
         loss, metrics, _ = meta_gradient(algo, episode, iteration, self.chunk(algo, episode, iteration),
                                          threads=self.pool(self.current))
         return loss, metrics
+
+    def graphed_gradient(self, algo, episode, iteration: int, params: list | None = None):
+        """``meta_gradient`` on the graphs path: this shape's CUDA graph (captured at its first call) replayed."""
+        key = shape_key(algo, "train", episode, iteration)
+        return cuda_graphs.meta_gradient(self.graphed, key, self.capture, algo, episode, iteration, params)
 
     def evaluate(self, algo, episode, steps: int) -> torch.Tensor:
         return self.run_evaluation(algo, episode, steps, self.path(algo, "eval", episode, steps=steps))
@@ -359,17 +384,14 @@ class Execution:
         return self.threads if path == "threads" else None
 
 
-class on_path:
+@contextlib.contextmanager
+def on_path(algo, path: str):
     """Run ``algo`` on ``path`` inside the block (``algo.tuned_batching`` is the path ``auto`` runs on)."""
-
-    def __init__(self, algo, path: str):
-        self.algo, self.path = algo, path
-
-    def __enter__(self):
-        self.saved, self.algo.tuned_batching = self.algo.tuned_batching, self.path
-
-    def __exit__(self, *exc):
-        self.algo.tuned_batching = self.saved
+    saved, algo.tuned_batching = algo.tuned_batching, path
+    try:
+        yield
+    finally:
+        algo.tuned_batching = saved
 
 
 def describe(key: str) -> str:

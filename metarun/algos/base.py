@@ -20,7 +20,7 @@ from metarun.execution import synchronize  # noqa: F401  (benchmarks time with i
 
 # The kind of problem a task poses (a few-shot *task* is one draw of support and query sets).
 PROBLEMS = ("classification", "regression")
-BATCHING = ("auto", "loop", "vmap", "threads")
+BATCHING = ("auto", "loop", "vmap", "threads", "graphs")
 
 
 def problem_loss(output: torch.Tensor, target: torch.Tensor, problem: str) -> torch.Tensor:
@@ -56,6 +56,7 @@ class MetaAlgorithm(nn.Module):
     problems = PROBLEMS  # the problem types it learns
     embeds = False  # True: the network must be a headless embedding (no linear head)
     learns_from_queries = True  # False: the meta-loss needs no query set in the training tasks (Reptile)
+    capturable = False  # the meta-loss is the same function at every iteration, without random draws (cuda_graphs)
 
     def __init__(self, model: nn.Module, problem: str, transductive: bool = True, batching: str = "auto"):
         super().__init__()

@@ -37,6 +37,7 @@ class GradientBased(MetaAlgorithm):
     ``eval_inner_steps``, adaptation steps at meta-validation and meta-test (metrics logged after
     each); ``first_order``, inner gradients treated as constants in the meta-gradient (FOMAML);
     ``batching`` and ``transductive`` as in ``MetaAlgorithm``."""
+    capturable = True  # (MAML++ is not: its loss weights and derivative order follow the iteration)
 
     def __init__(
         self,

@@ -90,6 +90,7 @@ def _key(name: str) -> str:
 
 
 class MAMLpp(GradientBased):
+    capturable = False  # its per-step loss weights and first-order phase change with the iteration
     def __init__(self, model: nn.Module, problem: str, inner_lr: float = 0.1, inner_steps: int = 5,
                  eval_inner_steps: int = 5, lslr: bool = True, msl: bool = True, msl_iterations: int = 5000,
                  per_step_bn: bool = True, first_order_iterations: int = 0, **engine):

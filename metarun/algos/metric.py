@@ -29,6 +29,7 @@ from metarun.data.episode import Episode
 
 
 class MetricBased(MetaAlgorithm):
+    capturable = True
     eval_inner_steps = 0  # nothing adapts: evaluate reports the query accuracy as embedded
     problems = ("classification",)  # queries are classified by their labelled support examples
     embeds = True  # the network is a headless embedding

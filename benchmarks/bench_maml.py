@@ -9,8 +9,8 @@ round is reported.
 
 References: ``reference`` is the textbook per-task loop (``torch.autograd.grad(create_graph=True)``
 and one backward per task) on the same network; ``higher`` (Grefenstette et al.) runs when it is
-installed. metarun's ``loop``, ``vmap`` and ``threads`` paths and ``auto`` (which races them) run
-through ``metarun.execution`` as a training run does. Episode
+installed. metarun's ``loop``, ``vmap`` and ``threads`` (CPU) or ``graphs`` (CUDA) paths and ``auto``
+(which races them) run through ``metarun.execution`` as a training run does. Episode
 sampling is compared with decoding PNGs with PIL per image, as the peers' datasets do.
 """
 
@@ -153,6 +153,8 @@ def main():
 
     variants = {"reference": reference_step, "loop": metarun_step("loop"), "vmap": metarun_step("vmap"),
                 "threads": metarun_step("threads"), "auto": metarun_step("auto")}
+    if device.type == "cuda":  # threads runs as the loop there; graphs replays a captured CUDA graph
+        variants = {**{k: v for k, v in variants.items() if k != "threads"}, "graphs": metarun_step("graphs")}
     if higher_step() is not None:
         variants["higher"] = higher_step()
     seconds = time_rounds(variants, episodes, device, args.rounds)

@@ -67,6 +67,24 @@ def open_storage(url: str):
     return JournalStorage(JournalFileBackend(url))
 
 
+def pruner(conf):
+    """The search's pruner from ``hydra.sweeper.pruner``: built by the sweeper and by each job alike
+    (a study loaded from storage does not keep its pruner)."""
+    import optuna
+
+    from metarun.errors import MetarunError
+
+    kind = conf.type
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=conf.n_startup_trials, n_warmup_steps=conf.n_warmup_steps)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=conf.min_resource, max_resource=conf.max_resource,
+                                              reduction_factor=conf.reduction_factor)
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    raise MetarunError(f"hydra.sweeper.pruner.type={kind}: choose median, hyperband or none")
+
+
 _open: dict = {}  # (storage, study, trial number) -> the Optuna trial, for the length of one job
 
 
@@ -77,7 +95,7 @@ def _trial(node):
     if key not in _open:
         _open.clear()  # a launcher that runs jobs one after another in this process: one open trial at a time
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=node.study_name, storage=open_storage(node.storage))
+        study = optuna.load_study(study_name=node.study_name, storage=open_storage(node.storage), pruner=pruner(node.pruner))
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(node.trial))
         _open[key] = optuna.Trial(study, trial_id)
     return _open[key]

@@ -71,20 +71,6 @@ def storage_url(storage: Optional[str], sweep_dir: Path) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def pruner(conf: DictConfig):
-    import optuna
-
-    kind = conf.type
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=conf.n_startup_trials, n_warmup_steps=conf.n_warmup_steps)
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=conf.min_resource, max_resource=conf.max_resource,
-                                              reduction_factor=conf.reduction_factor)
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    raise MetarunError(f"hydra.sweeper.pruner.type={kind}: choose median, hyperband or none")
-
-
 def _alive(owner: str) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -148,7 +134,7 @@ class MetarunOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         url = storage_url(self.storage, sweep_dir)
-        from metarun.search import open_storage
+        from metarun.search import open_storage, pruner
 
         study = optuna.create_study(study_name=self.study_name, storage=open_storage(url), direction=direction,
                                     sampler=optuna.samplers.TPESampler(seed=self.seed),

@@ -65,6 +65,13 @@ def encoded(value: Any) -> str:
     return str(value)
 
 
+def trial_dir_name(number: int, params: dict) -> str:
+    """``3_algo.inner_lr=0.03029,algo.inner_steps=3``: the trial's number (workers sharing a study never
+    share a directory) and what it searched, short (the exact values are in its config), for TensorBoard."""
+    shown = ",".join(f"{k}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in sorted(params.items()))
+    return f"{number}_{shown}"[:200]
+
+
 def storage_url(storage: Optional[str], sweep_dir: Path) -> str:
     if not storage:
         return str((sweep_dir / "optuna.journal").resolve())
@@ -152,8 +159,7 @@ class MetarunOptunaSweeper(Sweeper):
             batch = [study.ask(space) for _ in range(min(self.n_jobs, left))]
             jobs = []
             for trial in batch:
-                # Named by the trial, so workers sharing the study never share a directory.
-                subdir = trial.user_attrs.get(RUN_DIR) or f"{trial.number}_${{hydra.job.override_dirname}}"
+                subdir = trial.user_attrs.get(RUN_DIR) or trial_dir_name(trial.number, trial.params)
                 trial.set_user_attr(OWNER, owner)
                 params = [f"{k}={encoded(v)}" for k, v in trial.params.items()]
                 jobs.append([*fixed_lines, *params, f"hydra.sweeper.trial={trial.number}",

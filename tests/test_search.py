@@ -28,6 +28,7 @@ TINY = ["hparams_search=maml_sinusoid", "train.meta_batch_size=4", "train.val_ep
         "algo.eval_inner_steps=3", "algo.batching=loop"]
 GOOD = "{algo.inner_lr: 0.01, algo.inner_steps: 1, train.meta_lr: 0.001}"
 DIVERGING = "{algo.inner_lr: 0.25, algo.inner_steps: 1, train.meta_lr: 0.001}"  # val MSE ~1e14 at iteration 3
+FAILING = "{algo.inner_lr: 0.4, algo.inner_steps: 3, train.meta_lr: 0.001}"  # meta-loss not finite at iteration 3
 
 
 def metarun_search(sweep: Path, *overrides: str, cwd: Path, **popen):
@@ -77,27 +78,44 @@ def test_report_outside_a_search_does_nothing():
 
 
 @pytest.mark.slow
-def test_a_search_prunes_a_diverging_trial_and_completes(tmp_path):
+def test_a_search_prunes_a_diverging_trial_and_reports_only_the_failed_one(tmp_path):
     sweep = tmp_path / "search"
-    result = metarun_search(sweep, "train.iterations=6", "train.val_every=3", "hydra.sweeper.n_trials=2",
-                            f"hydra.sweeper.enqueue=[{GOOD},{DIVERGING}]", "hydra.sweeper.pruner.n_startup_trials=1",
-                            "hydra.sweeper.pruner.n_warmup_steps=0", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "error" not in result.stderr  # a pruned trial is no failed job
+    result = metarun_search(sweep, "train.iterations=6", "train.val_every=3", "hydra.sweeper.n_trials=3",
+                            f"hydra.sweeper.enqueue=[{GOOD},{DIVERGING},{FAILING}]",
+                            "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=0", cwd=tmp_path)
+    # The failed trial is named and makes the exit status; the pruned one is no failure.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("metarun: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "algo.inner_lr=0.4 " in errors[0] and "meta-loss became" in errors[0] and "0.25" not in errors[0]
     study = load(sweep)
     assert study.direction.name == "MINIMIZE"  # sinusoid: MSE, from the run's metric
-    good, bad = study.trials
+    good, bad, failed = study.trials
     assert good.state == TrialState.COMPLETE and sorted(good.intermediate_values) == [3, 6]
     assert bad.state == TrialState.PRUNED and list(bad.intermediate_values) == [3]
+    assert failed.state == TrialState.FAIL
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     # Named by trial number and searched values (the fixed overrides are the same in every trial).
-    assert [p.name for p in runs] == ["0_algo.inner_lr=0.01,algo.inner_steps=1,train.meta_lr=0.001",
-                                      "1_algo.inner_lr=0.25,algo.inner_steps=1,train.meta_lr=0.001"]
+    assert [p.name for p in runs][:2] == ["0_algo.inner_lr=0.01,algo.inner_steps=1,train.meta_lr=0.001",
+                                          "1_algo.inner_lr=0.25,algo.inner_steps=1,train.meta_lr=0.001"]
     assert read_metrics(runs[0])["val"]["mse"] == pytest.approx(good.value)
     pruned = read_metrics(runs[1])
     assert pruned["pruned"]["iteration"] == 3 and pruned["iterations"] == 3 and pruned["test"] is None
     assert (runs[1] / "checkpoints" / "last.pt").is_file()  # stopped after its validation, not mid-iteration
-    assert (sweep / "optimization_results.yaml").read_text().count("best_trial: 0") == 1
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_trial: 0" in results and "pruned: 1" in results and "fail: 1" in results
+
+
+@pytest.mark.slow
+def test_joblib_runs_a_batch_of_trials_at_once_that_report_from_their_processes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs hydra-joblib-launcher")
+    sweep = tmp_path / "search"
+    result = metarun_search(sweep, "train.iterations=6", "train.val_every=3", "hydra.sweeper.n_trials=2",
+                            "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(sweep).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(sorted(t.intermediate_values) == [3, 6] for t in trials)  # reported by the worker processes
+    assert sorted(p.name.split("_")[0] for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
 
 
 @pytest.mark.slow

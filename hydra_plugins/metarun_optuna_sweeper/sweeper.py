@@ -119,7 +119,11 @@ class MetarunOptunaSweeper(Sweeper):
         return "maximize" if metric_name(target_class(cfg.data).problem) == "accuracy" else "minimize"
 
     def sweep(self, arguments: List[str]) -> Any:
-        import optuna
+        try:
+            import optuna
+        except ImportError:
+            raise MetarunError("hydra/sweeper=metarun_optuna needs Optuna: pip install 'metarun[search]' "
+                               "(or pip install 'optuna>=4')") from None
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)

@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa:
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from hydra_plugins.metarun_optuna_sweeper.sweeper import INTERRUPTED, distribution  # noqa: E402
+from hydra_plugins.metarun_optuna_sweeper.sweeper import INTERRUPTED, distribution, metric_direction  # noqa: E402
 from metarun import search  # noqa: E402
 from metarun.config import conf_dir  # noqa: E402
 from support import read_metrics  # noqa: E402
@@ -70,6 +70,8 @@ def test_hparams_search_configs_compose_with_the_sweeper_plugin():
             assert set(sweeper.params) == {"algo.inner_lr", "algo.inner_steps", "train.meta_lr"}
             assert sweeper.params["algo.inner_lr"].startswith("tag(log")
             assert cfg.hydra.runtime.choices.experiment == protocol
+            # direction: auto maximises Omniglot's accuracy and minimises the sinusoid's MSE
+            assert metric_direction(cfg) == ("maximize" if "omniglot" in name else "minimize")
         assert compose("train").get("hparams_search") is None  # a plain run has no search
 
 

@@ -78,6 +78,14 @@ def storage_url(storage: Optional[str], sweep_dir: Path) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
+def metric_direction(cfg: DictConfig) -> str:
+    """maximize for accuracy, minimize for MSE: the metric of the run ``cfg`` (a ``metarun train`` config) makes."""
+    from metarun.algos.base import metric_name
+    from metarun.utils.runtime import target_class
+
+    return "maximize" if metric_name(target_class(cfg.data).problem) == "accuracy" else "minimize"
+
+
 def _alive(owner: str) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -111,12 +119,7 @@ class MetarunOptunaSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def _metric_direction(self, fixed: List[str]) -> str:
-        """maximize for accuracy, minimize for MSE: the metric of the run the fixed overrides make."""
-        from metarun.algos.base import metric_name
-        from metarun.utils.runtime import target_class
-
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, fixed)
-        return "maximize" if metric_name(target_class(cfg.data).problem) == "accuracy" else "minimize"
+        return metric_direction(self.hydra_context.config_loader.load_sweep_config(self.config, fixed))
 
     def sweep(self, arguments: List[str]) -> Any:
         try:

@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from metarun import search
 from metarun.config import conf_dir
 from metarun.data.tasks import task_generator
 from metarun.errors import MetarunError
@@ -103,6 +104,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             checkpoint("best.pt")
         checkpoint("last.pt")
         logger.flush()
+        search.report(iteration, metric, history)  # in an Optuna search: raises search.Pruned if the pruner says so
 
     def validation_due() -> bool:
         scheduled = iteration > 0 and (iteration % cfg.train.val_every == 0 or iteration == total)
@@ -234,4 +236,4 @@ def restore_rng(saved: dict, tasks_rng: torch.Generator, device: torch.device, p
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best validation metric, so sweepers (Optuna) can optimise it."""
-    return run_command(train, cfg, Path(HydraConfig.get().runtime.output_dir), "train")
+    return run_command(search.prunable(train), cfg, Path(HydraConfig.get().runtime.output_dir), "train")

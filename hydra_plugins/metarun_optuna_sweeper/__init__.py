@@ -1,0 +1,1 @@
+"""metarun's Optuna sweeper for Hydra (``hydra/sweeper=metarun_optuna``); see ``sweeper.py``."""

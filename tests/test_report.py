@@ -194,3 +194,6 @@ def test_help_documents_the_command(tmp_path):
     for word in ("usage: metarun report", "--csv", "--markdown", "--json", "--plot", "mean over its seeds", "running"):
         assert word in result.stdout
     assert "report" in metarun("--help", cwd=tmp_path).stdout
+    completion = subprocess.run([sys.executable, "-m", "metarun", "-sc", "query=bash"], cwd=tmp_path, text=True,
+                                capture_output=True, env={**os.environ, "COMP_LINE": "metarun report "})
+    assert completion.returncode == 0 and "prepare" not in completion.stdout  # data's actions are not report's

@@ -6,7 +6,7 @@ test tasks, the evaluation protocol) and ``.hydra/overrides.yaml`` (what the com
 differ only by ``seed`` form one configuration: its row shows the mean over seeds ± their standard
 deviation (sample, n-1), the mean of the runs' own CI95 beside it, and how many seeds; best first.
 Runs without a result (still running, stopped, failed, an unreadable ``metrics.json``) get a marked row.
-Everything read is data: JSON and YAML parsed as such (``yaml.safe_load``), nothing instantiated.
+Everything read is data: JSON and YAML parsed as such (YAML's safe loader), nothing instantiated.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from rich.text import Text
 from metarun.errors import MetarunError
 from metarun.utils.rundir import LOCK, MARKER, _holder
 
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's where built in: many runs read fast; safe either way
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
 IGNORED_KEYS = ("seed", "data.root", "data.cache_dir")  # and hydra.*: where a run went, not what it ran
 DESCRIPTION = """Read every run under DIR (a sweep directory, a run directory, or several of either) and print
@@ -153,11 +154,11 @@ def read_run(path: Path) -> Run:
     hydra = path / ".hydra"
     try:
         if (hydra / "overrides.yaml").is_file():
-            lines = yaml.safe_load((hydra / "overrides.yaml").read_text()) or []
+            lines = yaml.load((hydra / "overrides.yaml").read_text(), Loader=SafeLoader) or []
             run.overrides = parse_overrides(lines)
             run.seed = next((str(o).split("=", 1)[1] for o in lines if str(o).lstrip("+").startswith("seed=")), None)
         if (hydra / "config.yaml").is_file():
-            config = yaml.safe_load((hydra / "config.yaml").read_text())
+            config = yaml.load((hydra / "config.yaml").read_text(), Loader=SafeLoader)
             if isinstance(config, dict) and config.get("seed") is not None:
                 run.seed = config["seed"]
     except (OSError, ValueError, yaml.YAMLError) as e:

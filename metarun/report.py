@@ -227,8 +227,8 @@ def aggregate(runs: list[Run]) -> Report:
     rows = []
     for members in groups.values():
         values = [r.value for r in members]
-        row = Row(members, mean=statistics.fmean(values))
-        row.std = statistics.stdev(values) if len(values) > 1 else math.nan
+        row = Row(members, mean=statistics.fmean(values))  # NaN when a seed diverged: ranked last
+        row.std = statistics.stdev(values) if len(values) > 1 and math.isfinite(row.mean) else math.nan
         cis = [r.ci95 for r in members if math.isfinite(r.ci95)]
         row.ci95 = statistics.fmean(cis) if cis else math.nan
         diverged = [r for r in members if not math.isfinite(r.value)]

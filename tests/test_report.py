@@ -197,3 +197,16 @@ def test_help_documents_the_command(tmp_path):
     completion = subprocess.run([sys.executable, "-m", "metarun", "-sc", "query=bash"], cwd=tmp_path, text=True,
                                 capture_output=True, env={**os.environ, "COMP_LINE": "metarun report "})
     assert completion.returncode == 0 and "prepare" not in completion.stdout  # data's actions are not report's
+
+
+def test_accuracy_ranks_highest_first_and_a_diverged_configuration_last():
+    from metarun.report import Run
+
+    def run(lr, seed, value):
+        return Run(Path(f"/runs/{lr}_{seed}"), {"algo.inner_lr": lr}, seed, "classification", "accuracy", value, 0.02)
+
+    rows = aggregate([run("0.1", 0, 0.50), run("0.1", 1, 0.54), run("0.4", 0, 0.61), run("0.4", 1, 0.57),
+                      run("1.0", 0, float("nan")), run("1.0", 1, 0.9)]).rows
+    assert [r.overrides["algo.inner_lr"] for r in rows] == ["0.4", "0.1", "1.0"]
+    assert rows[0].mean == pytest.approx(0.59) and rows[0].std == pytest.approx(statistics.stdev([0.61, 0.57]))
+    assert rows[2].status == "diverged: seed 0"  # a NaN never ranks first

@@ -169,9 +169,10 @@ def read_run(path: Path) -> Run:
         return run
     metrics = path / "metrics.json"
     if not metrics.is_file():
-        last = path / "checkpoints" / "last.pt"
-        run.status = (f"stopped: resume with metarun train hydra.run.dir={path}" if last.is_file()
-                      else "failed: no metrics.json and no checkpoint (see its train.log)")
+        last, ending = path / "checkpoints" / "last.pt", log_ending(path)
+        run.status = (f"failed: {ending.removeprefix('error: ')}" if ending.startswith("error: ") or "Error" in ending
+                      else f"stopped: resume with metarun train hydra.run.dir={path}" if last.is_file()
+                      else "failed: no metrics.json and no checkpoint (see its log)")
         return run
     try:
         data = json.loads(metrics.read_text())
@@ -187,6 +188,19 @@ def read_run(path: Path) -> Run:
     except (KeyError, TypeError, AttributeError) as e:
         run.status = f"unreadable metrics.json: no test result ({one_line(e)})"
     return run
+
+
+def log_ending(path: Path) -> str:
+    """The last line of the run's log: ``error: ...`` (or a traceback's last line) where the run failed."""
+    for log in (path / "train.log", path / "eval.log"):
+        try:
+            with open(log, "rb") as f:
+                f.seek(max(0, log.stat().st_size - 4096))  # the end alone: a log can be long
+                lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            continue
+        return lines[-1].strip() if lines else ""
+    return ""
 
 
 def one_line(error: BaseException) -> str:
@@ -266,7 +280,8 @@ def cells(report: Report) -> tuple[list[str], list[list[str]]]:
         line = [str(i) if finished else "-", *(row.overrides.get(k, "") for k in report.config_keys), result,
                 f"± {number(row.ci95)}" if finished else "-", str(len(row.runs)) if finished else "-",
                 *(str(row.protocol.get(k, "")) if finished else "" for k in report.protocol_keys)]
-        lines.append(line + ([row.status + ("" if finished else f" ({row.runs[0].path})")] if marked else []))
+        where = "" if finished or str(row.runs[0].path) in row.status else f" ({row.runs[0].path})"
+        lines.append(line + ([row.status + where] if marked else []))
     return header, lines
 
 

@@ -32,12 +32,15 @@ def metarun(*args, cwd):
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
-    """``sweep``: 4 runs (algo.inner_lr=0.01,0.02 x seed=0,1); ``other``: one run with 12 test tasks (seed 0)."""
+    """``sweep``: 4 runs (algo.inner_lr=0.01,0.02 x seed=0,1); ``other``: one run with 12 test tasks (seed 0);
+    ``failed``: a job that diverged before its first checkpoint."""
     root = tmp_path_factory.mktemp("report")
     sweep, other = root / "sweep", root / "other"
     for args, folder in ((["algo.inner_lr=0.01,0.02", "seed=0,1"], sweep), (["algo.inner_lr=0.01", "test.episodes=12"], other)):
         made = metarun("train", "-m", *BASE, *args, f"hydra.sweep.dir={folder}", cwd=root)
         assert made.returncode == 0, made.stderr
+    made = metarun("train", "-m", *BASE, "algo.inner_lr=1e9", f"hydra.sweep.dir={root / 'failed'}", cwd=root)
+    assert made.returncode == 2 and "meta-loss became inf" in made.stderr
     return sweep, other
 
 
@@ -173,6 +176,9 @@ def test_bad_input_is_one_line_or_a_marked_row(sweeps, tmp_path, capsys, monkeyp
     assert marked["91_extra"].startswith("stopped") and marked["90_extra"].startswith("unreadable")
 
     assert_one_line_error(*report(torn, capsys=capsys)[::2], "no finished run")
+    status, out, _ = report(sweep, sweep.parent / "failed", capsys=capsys)  # a job of a sweep that failed
+    (failed,) = [line for line in out.splitlines() if "1000000000.0" in line]
+    assert status == 0 and "failed: the meta-loss became inf" in failed and "4 runs in 2 configurations" in out
 
     # Runs of another problem and metric beside these: refused, naming both.
     other = copy_run(runs[0], tmp_path / "mixed_kinds" / "a")

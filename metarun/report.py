@@ -38,6 +38,7 @@ one row per configuration: the runs' command-line overrides minus the seed. A ro
 as the mean over its seeds +- their standard deviation, the runs' own 95% CI (over test tasks, averaged)
 beside it, and the number of seeds; best first (highest accuracy, lowest MSE). Overrides and protocol
 settings (metrics.json's "protocol": shots, test tasks, ...) that differ between rows get a column each.
+A blank override cell: that run left the key at its config default.
 Runs without a result are marked rows: running (its lock is held), stopped (a last.pt to resume from),
 failed (neither), or an unreadable metrics.json."""
 EXAMPLES = """examples:
@@ -280,7 +281,7 @@ def cells(report: Report) -> tuple[list[str], list[list[str]]]:
         line = [str(i) if finished else "-", *(row.overrides.get(k, "") for k in report.config_keys), result,
                 f"± {number(row.ci95)}" if finished else "-", str(len(row.runs)) if finished else "-",
                 *(str(row.protocol.get(k, "")) if finished else "" for k in report.protocol_keys)]
-        where = "" if finished or str(row.runs[0].path) in row.status else f" ({row.runs[0].path})"
+        where = "" if finished or str(row.runs[0].path) in row.status else f" ({row.runs[0].path.name})"  # the job
         lines.append(line + ([row.status + where] if marked else []))
     return header, lines
 

@@ -327,6 +327,8 @@ def main(argv: list[str]) -> int:
     from metarun.utils.display import console
 
     args = parser().parse_args(argv)
+    if [args.csv, args.markdown, args.json].count("-") > 1 or args.plot == "-":
+        raise MetarunError("one export at most goes to stdout (-), and --plot needs a file name: give the others files")
     runs = read_runs(find_runs(args.dirs))
     if not runs:
         raise MetarunError(f"no runs under {', '.join(args.dirs)}: a run directory holds metrics.json and .hydra/ "

@@ -153,6 +153,7 @@ def test_bad_input_is_one_line_or_a_marked_row(sweeps, tmp_path, capsys, monkeyp
     assert_one_line_error(*report(tmp_path / "empty", capsys=capsys)[::2], "no runs under")
     assert_one_line_error(*report(tmp_path / "missing", capsys=capsys)[::2], "is not a directory")
     assert_one_line_error(*report(sweep, "--bogus", capsys=capsys)[::2], "--bogus", "metarun report --help")
+    assert_one_line_error(*report(sweep, "--csv", "-", "--json", "-", capsys=capsys)[::2], "one export at most")
     assert_one_line_error(*report(sweep, "--plot", tmp_path / "x.png", "--json", tmp_path / "no" / "x.json",
                                   capsys=capsys)[::2], "cannot write")
 

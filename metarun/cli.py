@@ -18,9 +18,10 @@ COMMANDS = {
     "train": ("metarun.train", "meta-train, validate and meta-test: metarun train algo=maml data=omniglot"),
     "eval": ("metarun.evaluate", "meta-test a saved checkpoint: metarun eval ckpt=PATH [test.episodes=N]"),
     "data": ("metarun.datasets", "the datasets on disk, and getting one there: metarun data list | prepare NAME"),
+    "report": ("metarun.report", "a sweep's results, seeds aggregated, best first: metarun report DIR [--plot F.png]"),
 }
 # Commands that are no Hydra job (no run directory, no sweep): their module's main(argv) runs as it is.
-PLAIN_COMMANDS = ("data",)
+PLAIN_COMMANDS = ("data", "report")
 
 USAGE = f"""usage: metarun COMMAND [overrides] [hydra flags]
 
@@ -99,7 +100,8 @@ def completion_command(argv: list[str]) -> str | None:
     words = line.split()
     command_word_done = len(words) >= 3 or (len(words) == 2 and line[-1:].isspace())
     if len(words) >= 2 and words[1] in PLAIN_COMMANDS and command_word_done:  # not a Hydra command: its actions
-        print("list prepare" if len(words) == 2 or (len(words) == 3 and not line[-1:].isspace()) else "")
+        data_action = words[1] == "data" and (len(words) == 2 or (len(words) == 3 and not line[-1:].isspace()))
+        print("list prepare" if data_action else "")
         return None
     if len(words) >= 2 and words[1] in COMMANDS and command_word_done:
         os.environ["COMP_LINE"] = line.replace(f" {words[1]}", "", 1)

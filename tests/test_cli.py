@@ -282,7 +282,7 @@ def test_shell_completion_goes_through_the_dispatcher(tmp_path):
         assert result.returncode == 0, result.stderr
         return result.stdout.split()
 
-    assert complete("metarun tr") == ["train", "eval", "data"]
+    assert complete("metarun tr") == ["train", "eval", "data", "report"]
     assert complete("metarun data ") == ["list", "prepare"]
     assert complete("metarun train algo=") == [f"algo={a}" for a in group_options("algo")]
     assert "data.shots=" in complete("metarun train data.")

@@ -4,6 +4,8 @@ One loop, read top to bottom. Everything the run writes goes under its Hydra run
 ``checkpoints/{last,best}.pt``, ``tb/`` (TensorBoard), ``metrics.json``, ``config_tree.txt`` and
 Hydra's ``.hydra/`` and ``train.log``. Rerunning with the same ``hydra.run.dir`` resumes from
 ``checkpoints/last.pt`` and ends with exactly the numbers of an uninterrupted run (on CPU).
+Under ``torchrun --nproc_per_node N -m metarun train`` the ranks share each meta-batch and rank 0
+alone writes the run (``metarun.distributed``); the numbers are those of one process, to rounding.
 """
 
 import logging
@@ -124,7 +126,8 @@ def train(cfg: DictConfig, run_dir: Path, world: distributed.World | None = None
         print_config_tree(cfg, save_to=run_dir / "config_tree.txt")
     # The first training meta-batch's path, decided now (on a copy of the task stream: the run is unchanged).
     if algo.batching == "auto":
-        first = world.sample(data, "train", cfg.train.meta_batch_size, torch.Generator().set_state(tasks_rng.get_state()))
+        first = world.sample(data, "train", cfg.train.meta_batch_size, torch.Generator().set_state(tasks_rng.get_state())) \
+            if world.leader else None
         decide = execution.agree if world.active else execution.path  # under torchrun rank 0 decides for all
         execution.current = algo.tuned_batching = decide(algo, "train", first, iteration)
     log.info(f"run directory: {run_dir}  device: {device}  batching: {algo.path(device)} ({algo.batching})  "
@@ -132,10 +135,10 @@ def train(cfg: DictConfig, run_dir: Path, world: distributed.World | None = None
              + "  ".join(f"{k}: {v}" for k, v in data.summary().items()))
     # Hide what a stopped attempt logged after its checkpoint; what it logged up to it stays.
     logger = TensorBoardLogger(tb_dir, purge_step=iteration + 1 if iteration else None) if world.leader else MetricLogger()
-    progress_bar_ = progress_bar if world.leader else distributed.quiet_progress
+    progress_bars = progress_bar if world.leader else distributed.quiet_progress
     tic = None  # when the current stretch of training iterations started (None: not training)
     try:
-        with progress_bar_() as progress:
+        with progress_bars() as progress:
             if validation_due():  # an attempt stopped during this validation: do it now, as the whole run did
                 validate(progress)
             bar = progress.add_task("meta-train", total=total, completed=iteration, stats="")
@@ -185,7 +188,7 @@ def train(cfg: DictConfig, run_dir: Path, world: distributed.World | None = None
         load_state(algo, chosen["algo"], ckpt_dir / f"{cfg.test.checkpoint}.pt", "algorithm")
         log.info(f"meta-testing the {cfg.test.checkpoint} checkpoint (iteration {chosen['iteration']}) "
                  f"on {cfg.test.episodes} test tasks")
-        with progress_bar_() as progress:
+        with progress_bars() as progress:
             test = meta_test(algo, data, "test", cfg.test.episodes, cfg.train.meta_batch_size,
                              algo.eval_inner_steps, cfg.test.eval_seed, progress, world=world)
         test["checkpoint"] = f"{cfg.test.checkpoint} (iteration {chosen['iteration']})"

@@ -24,10 +24,10 @@ from support import TINY_OMNIGLOT, TINY_SINUSOID, compose_config, omniglot_locat
 SINUSOID = [*TINY_SINUSOID, "device=cpu"]
 
 
-def torchrun(run_dir, overrides, nproc=2, wait=True, **kwargs):
+def torchrun(run_dir, overrides, nproc=2, wait=True, env=(), **kwargs):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--standalone", "-m", "metarun", "train", *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}  # two processes on a small machine
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True, **kwargs)
@@ -49,6 +49,7 @@ def assert_same_test_metrics(a, b, metric):
     assert ta["episodes"] == tb["episodes"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_maml_on_omniglot_as_one_does(tmp_path, shared_data_root, omniglot_cache_dir):
     # 3 tasks a meta-batch over 2 ranks (2 + 1) and 5 test tasks (3 + 2): unequal shares weigh right.
     overrides = [*TINY_OMNIGLOT, *omniglot_location(shared_data_root, omniglot_cache_dir), "device=cpu",
@@ -56,9 +57,10 @@ def test_two_processes_train_maml_on_omniglot_as_one_does(tmp_path, shared_data_
                  "optimizer=sgd"]  # (Adam would turn the rounding noise of the conv biases' zero gradient (batch norm follows) into whole steps)
     single = tmp_path / "single"
     train(compose_config(overrides), single)  # (also decodes Omniglot into the cache the ranks read)
-    outputs = tmp_path / "outputs"
+    outputs, scratch = tmp_path / "outputs", tmp_path / "tmp"
     outputs.mkdir()
-    done = torchrun(tmp_path / "dist", overrides, cwd=outputs)
+    scratch.mkdir()
+    done = torchrun(tmp_path / "dist", overrides, cwd=outputs, env={"TMPDIR": str(scratch)})
     assert done.returncode == 0, done.stdout + done.stderr
 
     assert_same_parameters(tmp_path / "dist/checkpoints/last.pt", single / "checkpoints/last.pt")
@@ -67,9 +69,11 @@ def test_two_processes_train_maml_on_omniglot_as_one_does(tmp_path, shared_data_
     assert read_metrics(single)["world_size"] == 1
     assert "world size: 2" in (tmp_path / "dist/train.log").read_text()
     assert not any(outputs.iterdir())  # no other rank made a run directory of its own
+    assert not list(scratch.glob("metarun-*"))  # and rank 1's scratch folder for Hydra is gone
     assert done.stdout.count("meta-testing the best checkpoint") == 1  # rank 0 alone tells the story
 
 
+@pytest.mark.slow
 def test_a_run_resumed_under_torchrun_ends_as_one_uninterrupted_process(tmp_path):
     single = tmp_path / "single"
     train(compose_config(SINUSOID), single)
@@ -88,6 +92,7 @@ def test_a_run_resumed_under_torchrun_ends_as_one_uninterrupted_process(tmp_path
         [h["mse"] for h in read_metrics(single)["val"]["history"]], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_at_one_iteration_with_a_checkpoint(tmp_path):
     run_dir = tmp_path / "dist"
     overrides = [*SINUSOID, "train.iterations=100000", "train.val_every=100000"]
@@ -107,6 +112,7 @@ def test_sigterm_stops_every_rank_at_one_iteration_with_a_checkpoint(tmp_path):
     assert "exitcode  : -9" not in out  # no rank had to be killed
 
 
+@pytest.mark.slow
 def test_too_few_tasks_for_the_processes_is_one_line(tmp_path):
     done = torchrun(tmp_path / "dist", [*SINUSOID, "train.meta_batch_size=1"])
     assert done.returncode != 0

@@ -54,7 +54,9 @@ def test_two_processes_train_maml_on_omniglot_as_one_does(tmp_path, shared_data_
     # 3 tasks a meta-batch over 2 ranks (2 + 1) and 5 test tasks (3 + 2): unequal shares weigh right.
     overrides = [*TINY_OMNIGLOT, *omniglot_location(shared_data_root, omniglot_cache_dir), "device=cpu",
                  "train.meta_batch_size=3", "train.iterations=2", "train.val_every=2", "test.episodes=5",
-                 "optimizer=sgd"]  # (Adam would turn the rounding noise of the conv biases' zero gradient (batch norm follows) into whole steps)
+                 "optimizer=sgd"]
+    # SGD: batch norm follows each conv, so the conv biases' gradient is zero but for rounding, which Adam
+    # (dividing by its own size) would turn into whole steps of either sign.
     single = tmp_path / "single"
     train(compose_config(overrides), single)  # (also decodes Omniglot into the cache the ranks read)
     outputs, scratch = tmp_path / "outputs", tmp_path / "tmp"

@@ -47,4 +47,8 @@ def user_error(error: BaseException, kept: str = "") -> MetarunError | None:
         first = " ".join(str(error).split())[:160]
         return MetarunError(f"out of {device}{f' ({first})' if first else ''}: lower train.meta_batch_size (or data.ways, data.shots, "
                             f"data.queries, algo.inner_steps), or set algo.batching=loop{tail}")
+    if type(error).__name__ == "FailedJobError" and type(error).__module__.startswith("submitit"):  # sbatch said no
+        first = " ".join(str(error).replace("sbatch: error:", "").split())[:200]
+        return MetarunError(f"Slurm refused the sweep's jobs ({first}): change hydra.launcher.partition, cpus_per_task, "
+                            f"mem_gb, gpus_per_node or timeout_min (conf/hydra/launcher/slurm.yaml)")
     return None

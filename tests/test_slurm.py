@@ -5,6 +5,7 @@ starts it before the tests) and skip, saying why, without one. Their jobs run th
 (submitit submits ``sys.executable``), so they see this checkout.
 """
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -129,15 +130,21 @@ def job_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
-def uninterrupted(settings: list[str], run_dir: Path) -> None:
-    """The run in this process on one thread, as the Slurm job ran it (OMP_NUM_THREADS=cpus_per_task=1):
-    float32 sums over a different number of threads differ in the last bits."""
+@contextlib.contextmanager
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(compose_config(settings), run_dir)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def uninterrupted(settings: list[str], run_dir: Path) -> None:
+    """The run in this process on one thread, as the Slurm job ran it (OMP_NUM_THREADS=cpus_per_task=1):
+    float32 sums over a different number of threads differ in the last bits."""
+    with one_thread():
+        train(compose_config(settings), run_dir)
 
 
 @pytest.mark.slow
@@ -184,14 +191,15 @@ def test_a_job_requeued_during_its_first_validation_resumes_with_the_log_it_woul
         return real(algo, data, split, *args, **kwargs)
 
     settings = TINY_SINUSOID + ["algo.batching=loop", "train.iterations=12"]
-    train(compose_config(settings), tmp_path / "whole")
-    monkeypatch.setattr(train_module, "meta_test", interrupted)
-    try:
-        with pytest.raises(stop.StopRequested):
-            train(compose_config(settings), tmp_path / "requeued")
-    finally:
-        stop._requested.clear()
-    assert load_checkpoint(tmp_path / "requeued" / "checkpoints" / "last.pt")["iteration"] == 3
-    monkeypatch.undo()
-    train(compose_config(settings), tmp_path / "requeued")
+    with one_thread():  # small kernels: one thread is the fastest on a shared CI machine
+        train(compose_config(settings), tmp_path / "whole")
+        monkeypatch.setattr(train_module, "meta_test", interrupted)
+        try:
+            with pytest.raises(stop.StopRequested):
+                train(compose_config(settings), tmp_path / "requeued")
+        finally:
+            stop._requested.clear()
+        assert load_checkpoint(tmp_path / "requeued" / "checkpoints" / "last.pt")["iteration"] == 3
+        monkeypatch.undo()
+        train(compose_config(settings), tmp_path / "requeued")
     assert without_timing(read_metrics(tmp_path / "requeued")) == without_timing(read_metrics(tmp_path / "whole"))

@@ -7,7 +7,6 @@ starts it before the tests) and skip, saying why, without one. Their jobs run th
 
 import contextlib
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 from metarun.train import train
 from metarun.utils import stop
 from metarun.utils.checkpoint import load_checkpoint
-from support import TINY_SINUSOID, compose_config, read_metrics
+from support import TINY_SINUSOID, compose_config, read_metrics, slurm_problem
 
 TIMING = ("training_seconds", "wall_clock_seconds")
 # Small jobs, so both of a sweep fit on a 2-core CI machine at once.
@@ -32,24 +31,9 @@ def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
-def _cluster_problem() -> str | None:
-    """Why no Slurm cluster can run jobs here, or None when one can."""
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "no Slurm here (sinfo/sbatch not found): start a local cluster with scripts/slurm-local"
-    try:
-        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        return "Slurm does not answer (sinfo timed out after 15 s): start a local cluster with scripts/slurm-local"
-    if states.returncode != 0:
-        return f"Slurm does not answer (sinfo: {' '.join(states.stderr.split())[:160]}): start one with scripts/slurm-local"
-    if not re.search(r"^(idle|mixed|allocated|completing)", states.stdout, re.M):
-        return f"no Slurm node can run jobs (sinfo says: {' '.join(states.stdout.split()) or 'no nodes'})"
-    return None
-
-
 @pytest.fixture(scope="module")
 def slurm():
-    problem = _cluster_problem()
+    problem = slurm_problem()
     if problem:
         pytest.skip(problem)
 

@@ -161,6 +161,19 @@ def test_a_job_slurm_requeues_resumes_its_run_directory_and_ends_as_an_uninterru
     assert without_timing(read_metrics(run)) == without_timing(read_metrics(tmp_path / "whole"))
 
 
+@pytest.mark.slow
+def test_a_job_cancelled_on_slurm_ends_the_sweep_with_one_line_naming_it(tmp_path, slurm):
+    sweep = tmp_path / "sweep"
+    process = start_sweep(tmp_path, sweep, TINY_SINUSOID + ["algo.batching=loop", "train.iterations=300", "train.val_every=25"])
+    wait_until(lambda: next(iter(sweep.glob("0_*/checkpoints/last.pt")), None) is not None, "a first checkpoint", process, sweep)
+    (job,) = sweep_dir_jobs(sweep)
+    subprocess.run(["scancel", job], check=True, capture_output=True, timeout=30)
+    out, err = process.communicate(timeout=SWEEP_TIMEOUT)
+    assert process.returncode == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("metarun: error:")]
+    assert f"Slurm job {job}" in line and "ended without a result (state: CANCELLED)" in line and "_log.err" in line
+
+
 def test_a_job_requeued_during_its_first_validation_resumes_with_the_log_it_would_have_written(tmp_path, monkeypatch):
     """A requeue can land while the job validates; on resume that validation runs first, before the
     training bar exists: the per-iteration log line (written where there is no live bar) must not fail."""

@@ -167,9 +167,10 @@ def train(cfg: DictConfig, run_dir: Path, world: distributed.World | None = None
                 rng_at_iteration = rng_state(tasks_rng, device)
 
                 speed = (iteration - tic_iteration) / max(time.perf_counter() - tic, 1e-9)
-                progress.update(bar, advance=1, stats=f"loss {metrics['loss']:.4f}  {metric} {metrics[metric]:.3f}  {speed:.2f} it/s")
+                stats = f"loss {metrics['loss']:.4f}  {metric} {metrics[metric]:.3f}  {speed:.2f} it/s"
+                progress.update(bar, advance=1, stats=stats)
                 if not progress.console.is_terminal and iteration % max(1, total // 20) == 0:
-                    log.info(f"iteration {iteration}/{total}: {progress.tasks[bar].fields['stats']}")  # logs, no live bar
+                    log.info(f"iteration {iteration}/{total}: {stats}")  # logs, no live bar
                 if iteration % cfg.train.log_every == 0 or iteration == total:
                     logger.log_scalars({"train/loss": metrics["loss"].item(), f"train/{metric}": metrics[metric].item(),
                                         "train/grad_norm": grad_norm.item(), "train/meta_lr": lr}, iteration)

@@ -1,6 +1,9 @@
 """Helpers shared by the test modules: compose the real configs, tiny settings, file readers."""
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -49,3 +52,18 @@ def group_options(group: str) -> list[str]:
     """The options of a config group, as ``conf/<group>/*.yaml`` holds them: tests cover what is there,
     so a new algorithm, dataset, model or experiment file is tested without editing a test."""
     return sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml"))
+
+
+def slurm_problem() -> str | None:
+    """Why no Slurm cluster can run jobs here, or None when one can (tests of hydra/launcher=slurm skip with it)."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no Slurm here (sinfo/sbatch not found): start a local cluster with scripts/slurm-local"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "Slurm does not answer (sinfo timed out after 15 s): start a local cluster with scripts/slurm-local"
+    if states.returncode != 0:
+        return f"Slurm does not answer (sinfo: {' '.join(states.stderr.split())[:160]}): start one with scripts/slurm-local"
+    if not re.search(r"^(idle|mixed|allocated|completing)", states.stdout, re.M):
+        return f"no Slurm node can run jobs (sinfo says: {' '.join(states.stdout.split()) or 'no nodes'})"
+    return None

@@ -6,6 +6,7 @@ import errno
 import torch
 
 from metarun.errors import MetarunError
+from metarun.utils.slurm import slurm_error
 
 # The cause a person should read, by errno: a full disk says disk full, not "network" or "I/O".
 _CAUSES = {
@@ -47,4 +48,4 @@ def user_error(error: BaseException, kept: str = "") -> MetarunError | None:
         first = " ".join(str(error).split())[:160]
         return MetarunError(f"out of {device}{f' ({first})' if first else ''}: lower train.meta_batch_size (or data.ways, data.shots, "
                             f"data.queries, algo.inner_steps), or set algo.batching=loop{tail}")
-    return None
+    return slurm_error(error)  # sbatch refused the jobs, or Slurm lost one (hydra/launcher=slurm)

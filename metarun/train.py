@@ -31,12 +31,14 @@ from metarun.utils.logger import TensorBoardLogger
 from metarun.utils.runtime import build
 from metarun.utils.files import write_json
 from metarun.utils.rundir import run_overrides, write_hydra_record
+from metarun.utils.share import apply_share
 from metarun.validation import validate_train
 
 log = logging.getLogger("metarun")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
+    apply_share()  # this job's threads and GPU when a launcher runs several jobs at once (utils/share.py)
     validate_train(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     device, data, algo = build_experiment(cfg)

@@ -80,7 +80,7 @@ def run_config(cfg: DictConfig, run: DictConfig) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> float:
-    apply_share()  # this job's threads and GPU when a launcher runs several jobs at once (utils/share.py)
+    apply_share(cfg)  # this job's threads and GPU when a launcher runs several jobs at once (utils/share.py)
     validate_eval(cfg)
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)

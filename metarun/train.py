@@ -38,7 +38,7 @@ log = logging.getLogger("metarun")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    apply_share()  # this job's threads and GPU when a launcher runs several jobs at once (utils/share.py)
+    apply_share(cfg)  # this job's threads and GPU when a launcher runs several jobs at once (utils/share.py)
     validate_train(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     device, data, algo = build_experiment(cfg)

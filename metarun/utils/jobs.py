@@ -184,7 +184,15 @@ def watch_launches():
         if record.ends is not None:
             with contextlib.suppress(OSError):
                 record.ends.unlink()
-            os.environ.pop(ENDS, None)
+            record.ends = None
+        for key in (ENDS, ENDS + "_PID"):
+            os.environ.pop(key, None)
+
+
+def _watching() -> bool:
+    from hydra.core.plugins import Plugins
+
+    return getattr(Plugins.instantiate_launcher, "metarun_watched", False)
 
 
 ENDS = "METARUN_JOB_ENDS"  # the file where jobs in other processes note their end (set by the sweep's process)
@@ -236,6 +244,8 @@ class JobResults(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         record.multirun = True  # in this process, even when a launcher runs the jobs in others
+        if not _watching():  # the notes are read, and removed, by watch_launches() only
+            return
         with contextlib.suppress(Exception):  # no sweep directory (a test's bare config): no notes
             record.ends = Path(str(config.hydra.sweep.dir)).absolute() / f".metarun-jobs-{os.getpid()}.jsonl"
             os.environ[ENDS], os.environ[ENDS + "_PID"] = str(record.ends), str(os.getpid())

@@ -71,10 +71,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def apply_share() -> Share | None:
+def apply_share(cfg=None) -> Share | None:
     """Decide this job's share from Hydra's config and apply it (threads, current CUDA device); log it.
-    Does nothing outside a Hydra multirun."""
+    Does nothing outside a Hydra multirun. A job whose ``device.name`` in ``cfg`` is not ``auto`` or
+    ``cuda`` (cpu, or a GPU the user chose: cuda:N) keeps the device it asked for."""
     import torch
+    from omegaconf import OmegaConf
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -83,7 +85,8 @@ def apply_share() -> Share | None:
     hydra = HydraConfig.get()
     launcher = hydra.launcher.get("_target_") if hydra.get("launcher") is not None else None
     n_jobs = hydra.launcher.get("n_jobs") if hydra.get("launcher") is not None else None
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = str(OmegaConf.select(cfg, "device.name", default="auto")) if cfg is not None else "auto"
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.is_available() else 0
     share = decide(launcher, n_jobs, hydra.job.get("num"), usable_cpus(), gpus)
     if share.threads is None and share.gpu is None:
         return share

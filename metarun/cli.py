@@ -130,7 +130,7 @@ def report(error: BaseException, command: str, debug: bool) -> int:
     failures = jobs.record.failures if jobs.record.multirun else []
     if not failures:
         return report_one(error, command, debug)
-    ran = jobs.record.jobs  # 0 where a launcher ran the jobs in other processes: only the first failure is known
+    ran = max(jobs.record.jobs, len(jobs.record.launched))  # the callbacks count only the jobs of this process
     failed = len(failures)
     others = ("" if failed == ran == 1 else f" (all {ran} jobs failed)" if failed == ran
               else " (the other jobs ran)" if failed == 1 else f" ({failed} of {ran} jobs failed, the others ran)" if ran
@@ -138,16 +138,25 @@ def report(error: BaseException, command: str, debug: bool) -> int:
     status = 2
     for i, failure in enumerate(failures):
         status = min(status, report_one(failure.error, command, debug,
-                                        f"job {failure.name} failed" + (others if i == 0 else "")))
-    if not any(f.error is error for f in failures):  # the sweep itself failed too
+                                        f"job {failure.name} {'was lost' if isinstance(failure.error, jobs.LostJob) else 'failed'}"
+                                        + (others if i == 0 else "")))
+    if error is jobs.record.launch_error and not debug:  # its lost jobs are named above: why, in one line
+        print(f"metarun: error: the launcher failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}",
+              file=sys.stderr)
+        status = min(status, 1)
+    elif not any(f.error is error for f in failures):  # the sweep itself failed too
         status = min(status, report_one(error, command, debug))
     return status
 
 
 def report_one(error: BaseException, command: str, debug: bool, job: str = "") -> int:
     from metarun.utils.faults import user_error
+    from metarun.utils.jobs import LostJob
 
     raised, error = error, user_error(error) or error  # a fault of the machine (Hydra creating the run directory, say)
+    if isinstance(error, LostJob):  # no traceback to show: the job's process is gone
+        print(f"metarun: error: {job + ': ' if job else ''}{error}", file=sys.stderr)
+        return 1
     if debug or not is_user_error(error):
         if job:
             print(f"metarun: {job}:", file=sys.stderr)
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             from metarun.resume import with_run_overrides
 
             sys.argv = ["metarun", *with_run_overrides(argv[1:])]  # a bare hydra.run.dir=X resumes X as it was
-        with jobs.hydra_raises():  # every error reaches report(), which makes it one line
+        with jobs.hydra_raises(), jobs.watch_launches():  # every error reaches report(), which makes it one line
             importlib.import_module(COMMANDS[command][0]).main()
         if jobs.record.multirun and jobs.record.failures:  # the sweep went on past its failed jobs
             return report(jobs.record.failures[0].error, command, debug)

@@ -25,6 +25,7 @@ from metarun.utils.command import run_command
 from metarun.utils.display import progress_bar, results_table, run_title, show_results
 from metarun.utils.files import write_json
 from metarun.utils.rundir import write_hydra_record
+from metarun.utils.share import apply_share
 from metarun.utils.targets import GROUPS, option_for
 from metarun.validation import validate_eval
 
@@ -79,6 +80,7 @@ def run_config(cfg: DictConfig, run: DictConfig) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> float:
+    apply_share(cfg)  # this job's threads and GPU when a launcher runs several jobs at once (utils/share.py)
     validate_eval(cfg)
     path = Path(cfg.ckpt).expanduser()
     state = load_checkpoint(path)

@@ -36,6 +36,7 @@ from metarun.utils.logger import MetricLogger, TensorBoardLogger
 from metarun.utils.runtime import build
 from metarun.utils.files import write_json
 from metarun.utils.rundir import run_overrides, write_hydra_record
+from metarun.utils.share import apply_share
 from metarun.validation import validate_train
 
 log = logging.getLogger("metarun")
@@ -44,6 +45,7 @@ log = logging.getLogger("metarun")
 def train(cfg: DictConfig, run_dir: Path, world: distributed.World | None = None) -> float:
     """Train in ``run_dir``; under torchrun ``world`` holds this process's rank, and rank 0's ``run_dir``
     is the run's (``metarun.distributed``: the other ranks only read it)."""
+    apply_share(cfg)  # this job's threads and GPU when a launcher runs several jobs at once (utils/share.py)
     validate_train(cfg)
     world = world or distributed.World()
     distributed.check(world, cfg.train.meta_batch_size)

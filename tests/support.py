@@ -67,3 +67,33 @@ def slurm_problem() -> str | None:
     if not re.search(r"^(idle|mixed|allocated|completing)", states.stdout, re.M):
         return f"no Slurm node can run jobs (sinfo says: {' '.join(states.stdout.split()) or 'no nodes'})"
     return None
+
+
+def float64_algorithms(ways: int) -> dict:
+    """Factories of every batched algorithm on a tiny float64 Conv4 (4 filters), ``batching="loop"``: the
+    numerical tests of the execution paths compare each path with these."""
+    from metarun.algos.anil import ANIL
+    from metarun.algos.maml import MAML
+    from metarun.algos.mamlpp import MAMLpp
+    from metarun.algos.matchingnet import MatchingNet
+    from metarun.algos.metasgd import MetaSGD
+    from metarun.algos.protonet import ProtoNet
+    from metarun.models import Conv4
+
+    def network(out_features=ways):
+        torch.manual_seed(0)
+        return Conv4(out_features=out_features, hidden=4).double()
+
+    return {
+        "maml": lambda: MAML(network(), "classification", inner_lr=0.4, inner_steps=2, batching="loop"),
+        "fomaml": lambda: MAML(network(), "classification", inner_lr=0.4, inner_steps=2, first_order=True,
+                               batching="loop"),
+        "mamlpp": lambda: MAMLpp(network(), "classification", inner_steps=2, msl_iterations=10, batching="loop"),
+        "anil": lambda: ANIL(network(), "classification", inner_steps=2, batching="loop"),
+        "metasgd": lambda: MetaSGD(network(), "classification", batching="loop"),
+        "protonet": lambda: ProtoNet(network(None), "classification", batching="loop"),
+        "matchingnet": lambda: MatchingNet(network(None), "classification", fce=True, fce_steps=2,
+                                           batching="loop").double(),
+        "maml_nontransductive": lambda: MAML(network(), "classification", inner_steps=1, transductive=False,
+                                             batching="loop"),
+    }

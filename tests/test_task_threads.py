@@ -8,16 +8,10 @@ import torch
 
 from metarun import execution as ex
 from metarun import task_threads
-from metarun.algos.anil import ANIL
-from metarun.algos.maml import MAML
-from metarun.algos.mamlpp import MAMLpp
-from metarun.algos.matchingnet import MatchingNet
-from metarun.algos.metasgd import MetaSGD
-from metarun.algos.protonet import ProtoNet
 from metarun.algos.reptile import Reptile
 from metarun.execution import Execution, meta_gradient
 from metarun.models import Conv4
-from support import random_image_episode
+from support import float64_algorithms, random_image_episode
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 5
 
@@ -29,16 +23,7 @@ def network(out_features=WAYS):
     return Conv4(out_features=out_features, hidden=4).double()
 
 
-ALGORITHMS = {
-    "maml": lambda: MAML(network(), "classification", inner_lr=0.4, inner_steps=2, batching="loop"),
-    "fomaml": lambda: MAML(network(), "classification", inner_lr=0.4, inner_steps=2, first_order=True, batching="loop"),
-    "mamlpp": lambda: MAMLpp(network(), "classification", inner_steps=2, msl_iterations=10, batching="loop"),
-    "anil": lambda: ANIL(network(), "classification", inner_steps=2, batching="loop"),
-    "metasgd": lambda: MetaSGD(network(), "classification", batching="loop"),
-    "protonet": lambda: ProtoNet(network(None), "classification", batching="loop"),
-    "matchingnet": lambda: MatchingNet(network(None), "classification", fce=True, fce_steps=2, batching="loop").double(),
-    "maml_nontransductive": lambda: MAML(network(), "classification", inner_steps=1, transductive=False, batching="loop"),
-}
+ALGORITHMS = float64_algorithms(WAYS)
 
 
 def grads_of(algo, episode, **kwargs):

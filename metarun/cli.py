@@ -126,8 +126,15 @@ def report(error: BaseException, command: str, debug: bool) -> int:
     sweep, each failed job (Hydra raises only the first). Return the exit status: 2 for user errors,
     1 when a bug is among them."""
     from metarun.utils import jobs
+    from metarun.utils.faults import user_error
 
     failures = jobs.record.failures if jobs.record.multirun else []
+    if error is jobs.record.launch_error and not debug and is_user_error(user_error(error) or error):
+        # The launcher says why its jobs were lost (Slurm refused or cancelled them): that one line, not a
+        # line per lost job; jobs that failed on their own are still named.
+        failures = [f for f in failures if not isinstance(f.error, jobs.LostJob)]
+        status = min([report_one(f.error, command, debug, f"job {f.name} failed") for f in failures], default=2)
+        return min(status, report_one(error, command, debug))
     if not failures:
         return report_one(error, command, debug)
     ran = max(jobs.record.jobs, len(jobs.record.launched))  # the callbacks count only the jobs of this process

@@ -5,9 +5,10 @@ its network, ways, shots, queries, meta-batch and inner loop) on real episodes. 
 
 - ``reference``: the plain per-task loop, one task's meta-loss and one backward pass after another
   (what a per-task implementation costs; MAML's reference is the textbook loop, see bench_maml.py);
-- ``loop`` / ``vmap``: metarun's two execution paths, each over the whole meta-batch;
-- ``auto``: the default; like ``metarun train``, it first times both paths on the first episode
-  (``tune_batching``, not counted) and keeps the faster.
+- ``loop`` / ``vmap`` / ``threads``: metarun's execution paths through ``metarun.execution``, as a
+  training run takes them (``threads`` on a CPU with 2+ threads; Reptile's training runs it as the loop);
+- ``auto``: the default; like ``metarun train``, its first call (the warm-up round, not counted)
+  races the paths on the first episode and keeps the fastest.
 
 Variants are timed in interleaved rounds (so machine noise hits them alike) and the median round is
 reported, with the ratio ``reference / variant`` (above 1 is faster than the reference).
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import benchmark_parser  # noqa: E402
 from metarun.algos.base import synchronize  # noqa: E402
 from metarun.config import conf_dir  # noqa: E402
+from metarun.execution import Execution  # noqa: E402
 from metarun.experiment import build_experiment  # noqa: E402
 
 EXPERIMENTS = {
@@ -46,11 +48,10 @@ def compose_experiment(name, root, device, cache_dir=None):
                                  *cache])
 
 
-def meta_iteration(algo, optimizer):
+def meta_iteration(algo, optimizer, execution):
     def step(episode, iteration):
-        loss, _ = algo.meta_loss(episode, iteration)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        execution.meta_gradient(algo, episode, iteration)
         optimizer.step()
 
     return step
@@ -74,15 +75,16 @@ def time_algorithm(cfg, rounds, iteration):
     """Median seconds per meta-iteration of each variant, and the path ``auto`` takes."""
     device, data, algo = build_experiment(cfg)
     episodes = [data.sample("train", cfg.train.meta_batch_size, torch.Generator().manual_seed(i)) for i in range(3)]
-    variants = {}
-    for name in ("reference", "loop", "vmap", "auto"):
+    variants, executions = {}, {}
+    for name in ("reference", "loop", "vmap", "threads", "auto"):
         clone = copy.deepcopy(algo)
         clone.batching = "loop" if name == "reference" else name
         optimizer = torch.optim.SGD(clone.parameters(), lr=1e-6)  # the optimiser step is not what is measured
-        variants[name] = (reference_iteration if name == "reference" else meta_iteration)(clone, optimizer)
-        if name == "auto":
-            clone.tune_batching(episodes[0], iteration)
-            auto_path = clone.path(device)
+        if name == "reference":
+            variants[name] = reference_iteration(clone, optimizer)
+        else:
+            executions[name] = Execution(name, None, None)  # no disk cache: auto tunes in this run
+            variants[name] = meta_iteration(clone, optimizer, executions[name])
     times = {name: [] for name in variants}
     for r in range(rounds + 1):  # round 0 warms up
         for name, step in variants.items():
@@ -92,7 +94,7 @@ def time_algorithm(cfg, rounds, iteration):
             synchronize(device)
             if r:
                 times[name].append(time.perf_counter() - tic)
-    return {name: statistics.median(t) for name, t in times.items()}, auto_path
+    return {name: statistics.median(t) for name, t in times.items()}, executions["auto"].current
 
 
 def main():
@@ -104,7 +106,8 @@ def main():
     console = Console()
     table = Table(title=f"One meta-iteration per algorithm ({args.device}, {torch.get_num_threads()} threads): "
                         "ms, and speed vs the per-task reference")
-    for column in ("algorithm", "experiment", "meta-batch", "reference", "loop", "vmap", "auto (path)", "auto it/s"):
+    for column in ("algorithm", "experiment", "meta-batch", "reference", "loop", "vmap", "threads", "auto (path)",
+                   "auto it/s"):
         table.add_column(column, justify="right")
     for name in args.algos.split(","):
         torch.manual_seed(0)
@@ -113,7 +116,7 @@ def main():
         ref = seconds["reference"]
         cell = lambda v: f"{1000 * seconds[v]:.0f} ({ref / seconds[v]:.2f}x)"  # noqa: E731
         table.add_row(name, EXPERIMENTS[name], str(cfg.train.meta_batch_size), f"{1000 * ref:.0f}", cell("loop"),
-                      cell("vmap"), f"{cell('auto')} {auto_path}", f"{1 / seconds['auto']:.2f}")
+                      cell("vmap"), cell("threads"), f"{cell('auto')} {auto_path}", f"{1 / seconds['auto']:.2f}")
         console.print(f"{name}: " + "  ".join(f"{k} {1000 * v:.0f} ms" for k, v in seconds.items())
                       + f"  (auto took {auto_path})")
     console.print(table)

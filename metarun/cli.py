@@ -65,7 +65,11 @@ def describe(error: BaseException, command: str) -> str:
     from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
                                   ValidationError)
 
+    from metarun.errors import MetarunError
+
     cause = error.__cause__
+    if isinstance(cause, MetarunError):  # raised inside a Hydra-instantiated object (a sweeper's check): its own line
+        return str(cause)
     if command == "eval" and (choice := eval_group_choice(error)):
         return (f"metarun eval takes the algorithm, data and model from the checkpoint: leave out {choice} "
                 f"('metarun eval --help' lists the keys it takes)")

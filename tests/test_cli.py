@@ -409,3 +409,19 @@ def test_a_list_key_given_one_value_is_told_to_write_a_list():
         with pytest.raises(Exception) as error:
             compose("train", overrides=["data=cifarfs", "data.augment=flip"])
     assert describe(error.value, "train") == "data.augment takes a list: write data.augment=[flip]"
+
+
+def test_a_user_error_raised_inside_an_instantiated_object_is_its_own_line():
+    # Hydra wraps what a sweeper's constructor raises ("Error in call to target ...: MetarunError(...)").
+    from hydra.errors import InstantiationException
+
+    from metarun.cli import describe
+    from metarun.errors import MetarunError
+
+    try:
+        try:
+            raise MetarunError("hydra.sweeper.n_trials=-1, n_jobs=1: both must be at least 1")
+        except MetarunError as e:
+            raise InstantiationException("Error in call to target 'x.Sweeper':\nMetarunError(...)") from e
+    except InstantiationException as wrapped:
+        assert describe(wrapped, "train") == "hydra.sweeper.n_trials=-1, n_jobs=1: both must be at least 1"

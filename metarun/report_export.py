@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from metarun.errors import MetarunError
+from metarun.utils.files import atomic_write
 from metarun.report import Report, Row, cells
 
 
@@ -76,9 +77,17 @@ def write(target: str, text: str) -> None:
         sys.stdout.write(text)
         return
     try:
-        Path(target).write_text(text)
+        with atomic_write(writable(target), "w") as f:  # a kill mid-write leaves the previous export whole
+            f.write(text)
     except OSError as e:
         raise MetarunError(f"cannot write {target}: {e.strerror or e}; choose another file") from None
+
+
+def writable(target) -> Path:
+    """``target``, whose folder must exist (an export never creates folders: a typo would hide the file)."""
+    if not Path(target).parent.is_dir():
+        raise MetarunError(f"cannot write {target}: no folder {Path(target).parent}; choose another file")
+    return Path(target)
 
 
 def parsed(value: str):
@@ -130,7 +139,8 @@ def plot(report: Report, path: str):
             ax.legend(fontsize="small")
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=100)
+        with atomic_write(writable(path)) as f:
+            fig.savefig(f, dpi=100, format=Path(path).suffix[1:] or None)
     except (OSError, ValueError) as e:  # ValueError: a format matplotlib does not write (.xyz)
         raise MetarunError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; choose a .png file") from None
     finally:

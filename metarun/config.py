@@ -68,6 +68,7 @@ TARGETS: dict[str, dict[str, str]] = {
         "reptile": "metarun.algos.reptile.Reptile",
         "protonet": "metarun.algos.protonet.ProtoNet",
         "matchingnet": "metarun.algos.matchingnet.MatchingNet",
+        "snail": "metarun.algos.snail.SNAIL",
     },
     "optimizer": {"adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"},
     "scheduler": {

@@ -78,6 +78,8 @@ def describe(error: BaseException, command: str) -> str:
         first = str(error).splitlines()[0].split(": ", 1)[-1]
         return f"{first}: choose {group} from {', '.join(sorted(error.options))}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+        if line := inapplicable_key(cause, command):
+            return line
         return f"unknown key '{cause.full_key}': check its spelling ('metarun {command} --cfg job' lists every key)"
     missing = next((e for e in (error, cause) if isinstance(e, MissingMandatoryValue)), None)
     if missing is not None and getattr(missing, "full_key", None):
@@ -91,6 +93,18 @@ def describe(error: BaseException, command: str) -> str:
     lines = [line.strip() for part in parts for line in part.splitlines()]
     skip = ("Config search path", "provider=", "object_type=", "reference_type=")
     return " ".join(line for line in lines if line and not line.startswith(skip)) or type(error).__name__
+
+
+def inapplicable_key(error: BaseException, command: str) -> str | None:
+    """The line for an inner-loop key (``algo.inner_steps``) set on an algorithm without it, or None."""
+    from metarun.experiment import inapplicable
+
+    algo = getattr(error, "parent_node", None)
+    try:
+        target = algo.get("_target_")
+    except Exception:  # noqa: BLE001 (not a config node: the generic line)
+        return None
+    return inapplicable(getattr(error, "full_key", ""), target, command)
 
 
 COMPLETION_FLAGS = ("-sc", "--shell-completion")

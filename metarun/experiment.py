@@ -4,6 +4,8 @@
 comparable, ``protocol``), so the evaluator never imports the trainer.
 """
 
+import dataclasses
+import inspect
 import re
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metarun.config import conf_dir
+from metarun.algos.base import MetaAlgorithm
+from metarun.algos.gradient import GradientBased
+from metarun.config import conf_dir, schema
 from metarun.errors import MetarunError
 from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.runtime import build, resolve_device, target_class
@@ -80,13 +84,57 @@ def check_algorithm_fits(cfg: DictConfig) -> None:
         key = "data.train_queries" if "train_queries" in cfg.data else "data.queries"
         raise MetarunError(f"{name} learns from the query examples of its training tasks, but they have none: "
                            f"set {key} to at least 1")
-    if algo_class.embeds and cfg.model.get("out_features") is not None:
-        # The headless variant of the chosen network where one ships (model=resnet12 -> resnet12_embedding).
-        model = group_options()["model"].get(cfg.model.get("_target_"))
-        embedding = f"{model}_embedding" if (Path(conf_dir()) / "model" / f"{model}_embedding.yaml").is_file() \
-            else "conv4_embedding"
+    for key in cfg.algo:  # a key the algorithm lacks, appended (+algo.inner_lr=0.1): refused before its constructor
+        if line := inapplicable(f"algo.{key}", cfg.algo._target_):
+            raise MetarunError(line)
+    # Unresolved: a head sized by the data (out_features: ${data.ways}) is a head even where the data has no ways.
+    if algo_class.embeds and OmegaConf.to_container(cfg.model, resolve=False).get("out_features") is not None:
         raise MetarunError(f"{name} needs a headless embedding network, but the model ends in a linear head: "
-                           f"use model={embedding} (or an experiment config)")
+                           f"use model={embedding_for(cfg)} (or an experiment config)")
+    if algo_class.fixed_task_shape:
+        for key in ("ways", "shots"):
+            train, test = cfg.data.get(f"train_{key}"), cfg.data.get(key)
+            if train is not None and train != test:
+                raise MetarunError(f"{name} is sized for the test tasks' {key} (data.{key}={test}), so it trains on "
+                                   f"tasks of the same {key}: leave out data.train_{key}={train} (or set data.{key})")
+
+
+def embedding_for(cfg: DictConfig) -> str:
+    """The headless network for this data: the chosen network's own variant where one ships and it takes
+    this data's input (model=resnet12 -> resnet12_embedding), else the default for images or vectors."""
+    images = "channels" in cfg.data
+    own = f"{group_options()['model'].get(cfg.model.get('_target_'))}_embedding"
+    if (Path(conf_dir()) / "model" / f"{own}.yaml").is_file() and ("in_channels" in cfg.model) == images:
+        return own
+    return "conv4_embedding" if images else "mlp_embedding"
+
+
+def inner_loop_keys() -> list[str]:
+    """The gradient engine's inner-loop settings: ``GradientBased``'s own constructor arguments."""
+    shared = inspect.signature(MetaAlgorithm.__init__).parameters
+    return [k for k in inspect.signature(GradientBased.__init__).parameters if k not in shared]
+
+
+def not_applicable(algo: DictConfig | dict) -> list[str]:
+    """The inner-loop keys (``inner_loop_keys``) an algorithm's config lacks: all of them where it has no inner
+    loop (ProtoNets, SNAIL), those it replaces with its own otherwise (Reptile's inner_iterations)."""
+    return [f"algo.{k}" for k in inner_loop_keys() if k not in algo]
+
+
+def inapplicable(key: str, target: object, command: str = "train") -> str | None:
+    """The one line for an inner-loop key (``algo.inner_steps``) set on the algorithm ``target`` names, which
+    lacks it (``not_applicable``); None for any other key."""
+    name = group_options()["algo"].get(target) if isinstance(target, str) else None
+    if name is None or not key.startswith("algo."):
+        return None
+    missing = not_applicable({f.name for f in dataclasses.fields(schema("algo", name))})
+    if key not in missing:
+        return None
+    if len(missing) == len(inner_loop_keys()):
+        return (f"{key} does not apply to algo={name}: it has no inner loop ({', '.join(missing)} are the "
+                f"gradient-based algorithms' keys); leave it out")
+    return (f"{key} does not apply to algo={name}: its inner loop takes its own keys instead "
+            f"('metarun {command} algo={name} --cfg job' lists them); leave it out")
 
 
 def flat_config(cfg: DictConfig) -> dict:
@@ -113,5 +161,5 @@ def protocol(cfg: DictConfig, algo) -> dict:
         "split": data.get("split"), "ways": data.get("ways"), "shots": data.shots, "queries": data.queries,
         **train_tasks, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
         "checkpoint": cfg.test.checkpoint, "batch_norm": batch_norm_mode(algo.model, algo.transductive),
-        "eval_seed": cfg.test.eval_seed,
+        "eval_seed": cfg.test.eval_seed, "not_applicable": not_applicable(cfg.algo),
     }

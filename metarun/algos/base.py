@@ -57,6 +57,7 @@ class MetaAlgorithm(nn.Module):
     embeds = False  # True: the network must be a headless embedding (no linear head)
     learns_from_queries = True  # False: the meta-loss needs no query set in the training tasks (Reptile)
     capturable = False  # the meta-loss is the same function at every iteration, without random draws (cuda_graphs)
+    fixed_task_shape = False  # True: the network is sized for the test tasks' ways and shots; training tasks match
 
     def __init__(self, model: nn.Module, problem: str, transductive: bool = True, batching: str = "auto"):
         super().__init__()

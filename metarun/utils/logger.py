@@ -1,5 +1,6 @@
 """A four-method metric logger, so the training loop never calls a backend directly."""
 
+import json
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -26,6 +27,8 @@ class TensorBoardLogger(MetricLogger):
             self.writer.add_scalar(name, value, global_step=step)
 
     def log_hparams(self, hparams, metrics):
+        # TensorBoard takes numbers, strings and bools: a list (the protocol's not_applicable) goes as its JSON.
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in hparams.items()}
         # run_name="." keeps the hparams entry in this run's folder, so TensorBoard pairs it with the run.
         self.writer.add_hparams(hparams, metrics, run_name=".")
 

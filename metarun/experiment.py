@@ -155,11 +155,15 @@ def flat_config(cfg: DictConfig) -> dict:
 def protocol(cfg: DictConfig, algo) -> dict:
     """What makes two runs' numbers comparable, in one place (metrics.json and the TensorBoard hparams)."""
     data = cfg.data
+    # Where the algorithm has no inner loop (ProtoNets, SNAIL), none of the engine's keys applies and its
+    # eval_inner_steps is 0 by nature; an inner-loop algorithm's own keys (Reptile's inner_iterations) are in its config.
+    missing = not_applicable(cfg.algo)
+    no_inner_loop = {"not_applicable": missing} if len(missing) == len(inner_loop_keys()) else {}
     train_tasks = {f"train_{k}": data.get(f"train_{k}") if data.get(f"train_{k}") is not None else data.get(k)
                    for k in ("ways", "shots", "queries")}
     return {
         "split": data.get("split"), "ways": data.get("ways"), "shots": data.shots, "queries": data.queries,
         **train_tasks, "test_episodes": cfg.test.episodes, "eval_inner_steps": algo.eval_inner_steps,
         "checkpoint": cfg.test.checkpoint, "batch_norm": batch_norm_mode(algo.model, algo.transductive),
-        "eval_seed": cfg.test.eval_seed, "not_applicable": not_applicable(cfg.algo),
+        "eval_seed": cfg.test.eval_seed, **no_inner_loop,
     }

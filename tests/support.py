@@ -69,15 +69,17 @@ def slurm_problem() -> str | None:
     return None
 
 
-def float64_algorithms(ways: int) -> dict:
+def float64_algorithms(ways: int, shots: int = 2) -> dict:
     """Factories of every batched algorithm on a tiny float64 Conv4 (4 filters), ``batching="loop"``: the
-    numerical tests of the execution paths compare each path with these."""
+    numerical tests of the execution paths compare each path with these. SNAIL is sized for ``ways``-way
+    ``shots``-shot episodes (the narrow blocks of the paper's layout)."""
     from metarun.algos.anil import ANIL
     from metarun.algos.maml import MAML
     from metarun.algos.mamlpp import MAMLpp
     from metarun.algos.matchingnet import MatchingNet
     from metarun.algos.metasgd import MetaSGD
     from metarun.algos.protonet import ProtoNet
+    from metarun.algos.snail import SNAIL
     from metarun.models import Conv4
 
     def network(out_features=ways):
@@ -96,4 +98,6 @@ def float64_algorithms(ways: int) -> dict:
                                            batching="loop").double(),
         "maml_nontransductive": lambda: MAML(network(), "classification", inner_steps=1, transductive=False,
                                              batching="loop"),
+        "snail": lambda: SNAIL(network(None), "classification", ways=ways, shots=shots, attention_keys=(4, 6, 5),
+                               attention_values=(3, 5, 4), tc_filters=(5, 6), batching="loop").double(),
     }

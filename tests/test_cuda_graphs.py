@@ -25,8 +25,8 @@ def network(out_features=WAYS):
     return Conv4(out_features=out_features, hidden=4).double()
 
 
-CAPTURABLE = {k: v for k, v in float64_algorithms(WAYS).items()
-              if k in ("maml", "fomaml", "anil", "metasgd", "protonet", "matchingnet")}
+CAPTURABLE = {k: v for k, v in float64_algorithms(WAYS, SHOTS).items()
+              if k in ("maml", "fomaml", "anil", "metasgd", "protonet", "matchingnet", "snail")}
 
 
 def loop_gradient(algo, episode):

@@ -272,7 +272,9 @@ def resnet_option(algo: str) -> str:
 @pytest.mark.parametrize("algo", group_options("algo"))
 def test_every_algorithm_composes_and_builds_with_resnet12(algo):
     model_option = resnet_option(algo)
-    cfg = compose_config([f"algo={algo}", f"model={model_option}", "model.widths=[4,4,4,4]"])
+    # The episode below is WAYS-way SHOTS-shot: the config says so (SNAIL is sized for the configured task shape).
+    cfg = compose_config([f"algo={algo}", f"model={model_option}", "model.widths=[4,4,4,4]", f"data.ways={WAYS}",
+                          f"data.shots={SHOTS}"])
     validate_train(cfg)
     # Its input and head follow the data (Omniglot by default: 1 channel, data.ways outputs).
     assert list(cfg.model.widths) == [4, 4, 4, 4] and cfg.model.in_channels == cfg.data.channels

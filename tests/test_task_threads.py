@@ -23,7 +23,7 @@ def network(out_features=WAYS):
     return Conv4(out_features=out_features, hidden=4).double()
 
 
-ALGORITHMS = float64_algorithms(WAYS)
+ALGORITHMS = float64_algorithms(WAYS, SHOTS)
 
 
 def grads_of(algo, episode, **kwargs):
@@ -55,7 +55,7 @@ def test_threads_evaluation_is_the_loops(name):
                                                     eval_inner_steps=3, eval_inner_batch_size=2, batching="loop"))
     algo = make()
     episode = random_image_episode(TASKS, WAYS, SHOTS, QUERIES, seed=1)
-    steps = 0 if name in ("protonet", "matchingnet") else 2
+    steps = 0 if name in ("protonet", "matchingnet", "snail") else 2
     pinned = Execution("threads", None, None)
     assert pinned.path(algo, "eval", episode, steps=steps) == "threads"
     with torch.no_grad():  # as meta-test calls it: the workers' grad mode is their own

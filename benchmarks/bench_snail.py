@@ -54,7 +54,8 @@ def describe(cfg) -> str:
     ways, queries = d.get("train_ways") or d.ways, d.get("train_queries")
     queries = d.queries if queries is None else queries
     shots = d.get("train_shots") or d.shots
-    return f"{cfg.train.meta_batch_size} x {ways}-way {shots}-shot, {queries} queries/class"
+    per_class = f"{queries} query/class" if queries == 1 else f"{queries} queries/class"
+    return f"{cfg.train.meta_batch_size} x {ways}-way {shots}-shot, {per_class}"
 
 
 def variant(cfg, episodes=None):
@@ -91,7 +92,7 @@ def time_rounds(variants: dict, rounds: int) -> dict[str, float]:
 
 def main():
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-batch of the same-episode comparison")
+    parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-batch, same-episode comparison")
     parser.add_argument("--queries", type=int, default=1, help="queries per class of the same-episode comparison")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -110,12 +111,12 @@ def main():
     for label, cfgs, prefix in (("paper protocol", paper, "paper"), ("same episodes", same, "same")):
         snail, proto = 1 / seconds[f"{prefix} snail"], 1 / seconds[f"{prefix} protonet"]
         if prefix == "paper":
-            print(f"{label}: snail {snail:.2f} it/s ({PAPER['snail']}: {describe(cfgs['snail'])}; "
-                  f"path {path['paper snail']})  protonet {proto:.2f} it/s ({PAPER['protonet']}: "
+            print(f"{label}: snail {snail:.4g} it/s ({PAPER['snail']}: {describe(cfgs['snail'])}; "
+                  f"path {path['paper snail']})  protonet {proto:.4g} it/s ({PAPER['protonet']}: "
                   f"{describe(cfgs['protonet'])}; path {path['paper protonet']})  snail/protonet {snail / proto:.3f}x")
         else:
-            print(f"{label}: Omniglot {describe(cfgs['snail'])}, conv4_embedding: snail {snail:.2f} it/s "
-                  f"(path {path['same snail']})  protonet {proto:.2f} it/s (path {path['same protonet']})  "
+            print(f"{label}: Omniglot {describe(cfgs['snail'])}, conv4_embedding: snail {snail:.4g} it/s "
+                  f"(path {path['same snail']})  protonet {proto:.4g} it/s (path {path['same protonet']})  "
                   f"snail/protonet {snail / proto:.3f}x")
 
 

@@ -21,7 +21,7 @@ def test_bench_snail_reports_both_settings_and_the_ratio_of_what_it_timed(shared
     lines = {line.split(":", 1)[0]: line for line in result.stdout.splitlines() if ":" in line}
     paper, same = lines["paper protocol"], lines["same episodes"]
     # Each paper protocol is its own experiment config's training episodes.
-    assert "snail_omniglot_5w1s: 32 x 5-way 1-shot, 1 queries/class" in paper, paper
+    assert "snail_omniglot_5w1s: 32 x 5-way 1-shot, 1 query/class" in paper, paper
     assert "protonet_omniglot_5w1s: 1 x 60-way 1-shot, 5 queries/class" in paper, paper
     # The same-episode comparison takes the command line's meta-batch and queries, once for both.
     assert "Omniglot 2 x 5-way 1-shot, 2 queries/class, conv4_embedding" in same, same
@@ -29,5 +29,6 @@ def test_bench_snail_reports_both_settings_and_the_ratio_of_what_it_timed(shared
         snail, proto = (float(v) for v in re.search(rf"snail {RATE} .*protonet {RATE}", line).groups())
         ratio = float(re.search(r"snail/protonet ([\d.]+)x", line).group(1))
         assert snail > 0 and proto > 0
-        assert abs(ratio - snail / proto) <= 0.01 * ratio + 0.002, line  # the ratio of the rates it printed
+        # The ratio of the rates it printed (4 significant digits each, the ratio to 3 decimals).
+        assert abs(ratio - snail / proto) <= 0.002 * ratio + 0.0006, line
         assert re.search(r"path (loop|vmap|threads)\).*path (loop|vmap|threads)\)", line), line

@@ -47,8 +47,12 @@ squared error.
 
 Deviations from the paper:
 
-- The embedding is the model group's network (Conv4 with max-pooling for Omniglot, as the paper's;
-  metarun's ResNet-12 for miniImageNet, where the paper used its own ResNet with a 384-d output).
+- The embedding is the model group's network: Conv4 with max-pooling for Omniglot (Vinyals et al.'s,
+  as the paper's; reimplementations end it in one 64-unit fully connected layer, which
+  ``conv4_embedding`` lacks: unconfirmed against the paper's appendix), metarun's ResNet-12 for
+  miniImageNet (the paper used its own ResNet with a 384-d output).
+- The optimiser, meta-batch and training length of the experiment configs are metarun's: the paper's
+  text we carry does not state them.
 - Batch norm uses batch statistics at meta-test as at meta-training, as elsewhere in metarun.
 - Every query of a training task is a prediction target (the paper's sequences have one query each;
   the loss over Q queries is the mean of Q such sequences' losses).

@@ -16,6 +16,7 @@ declare -A RUNS=(
   [metasgd_omniglot_5w1s]="train.iterations=800 train.val_every=200"
   [protonet_omniglot_5w1s]="train.iterations=600 train.val_every=150"
   [matchingnet_omniglot_5w1s]="train.iterations=450 train.val_every=150"
+  [snail_omniglot_5w1s]="train.iterations=1000 train.val_every=250"
   [anil_omniglot_20w1s]="train.iterations=500 train.val_every=125"
   [maml_omniglot_20w1s]="train.iterations=500 train.val_every=125"   # ANIL's baseline at the same budget
   [mamlpp_omniglot_5w1s]="train.iterations=500 train.val_every=125 algo.msl_iterations=50"
@@ -26,7 +27,7 @@ declare -A RUNS=(
   [metasgd_sinusoid_k10]="train.iterations=10000"
 )
 ORDER=(fomaml_omniglot_5w1s reptile_omniglot_5w1s metasgd_omniglot_5w1s protonet_omniglot_5w1s
-       matchingnet_omniglot_5w1s anil_omniglot_20w1s maml_omniglot_20w1s mamlpp_omniglot_5w1s maml_omniglot_5w1s
+       matchingnet_omniglot_5w1s snail_omniglot_5w1s anil_omniglot_20w1s maml_omniglot_20w1s mamlpp_omniglot_5w1s maml_omniglot_5w1s
        maml_sinusoid_k5 metasgd_sinusoid_k5 maml_sinusoid_k10 metasgd_sinusoid_k10)
 
 for name in "${@:-${ORDER[@]}}"; do

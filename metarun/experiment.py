@@ -97,6 +97,12 @@ def check_algorithm_fits(cfg: DictConfig) -> None:
             if train is not None and train != test:
                 raise MetarunError(f"{name} is sized for the test tasks' {key} (data.{key}={test}), so it trains on "
                                    f"tasks of the same {key}: leave out data.train_{key}={train} (or set data.{key})")
+            # The algorithm's own copy (algo.ways: ${data.ways}) sizes the network: an override that parts them
+            # would fail on the first task, mid-run.
+            sized = cfg.algo.get(key)
+            if key in cfg.algo and test is not None and sized != test:
+                raise MetarunError(f"{name} sizes its network with algo.{key}={sized}, but the tasks have "
+                                   f"data.{key}={test}: leave out algo.{key} (it follows data.{key})")
 
 
 def embedding_for(cfg: DictConfig) -> str:

@@ -145,6 +145,13 @@ BAD_TRAIN = [
     (["algo=protonet", "algo.distance=manhattan"], "algo.distance", "manhattan", "euclidean, cosine"),
     (["algo=protonet", "algo.cosine_scale=0"], "algo.cosine_scale", "0.0", "> 0"),
     (["algo=matchingnet", "algo.fce_steps=0"], "algo.fce_steps", "0", ">= 1"),
+    (["algo=snail", "model=conv4_embedding", "algo.attention_keys=[64,0,512]"], "algo.attention_keys", "[64, 0, 512]",
+     "one per attention block"),
+    (["algo=snail", "model=conv4_embedding", "algo.attention_values=[]"], "algo.attention_values", "[]",
+     "non-empty list"),
+    (["algo=snail", "model=conv4_embedding", "algo.tc_filters=[128,-1]"], "algo.tc_filters", "[128, -1]",
+     "one per TC block"),
+    (["algo=snail", "model=conv4_embedding", "data.shots=0"], "data.shots", "0", ">= 1"),
     # the run's counts
     (["train.meta_batch_size=0"], "train.meta_batch_size", "0", ">= 1"),
     (["train.iterations=-3"], "train.iterations", "-3", ">= 1"),
@@ -369,3 +376,15 @@ def test_cli_bad_values_are_one_line_and_start_no_run(tmp_path):
     result = metarun("eval", f"ckpt={tmp_path / 'missing.pt'}", "batch_size=0", f"hydra.run.dir={tmp_path / 'eval'}",
                      cwd=tmp_path)
     assert_one_line_error(result, "batch_size=0", ">= 1")
+
+
+@pytest.mark.parametrize("override,words", [("algo.ways=7", "algo.ways=7, but the tasks have data.ways=5"),
+                                            ("algo.shots=3", "algo.shots=3, but the tasks have data.shots=1")])
+def test_snail_refuses_a_network_size_that_parts_from_the_tasks(override, words):
+    # SNAIL's network is sized by algo.ways/algo.shots (which follow data.ways/data.shots): an override that
+    # parts them would fail on the first task, mid-run; it is refused before anything is built.
+    cfg = compose_config(["experiment=snail_omniglot_5w1s", override])
+    validate_train(cfg)
+    with pytest.raises(MetarunError, match=f"{words}: leave out {override.split('=')[0]}"):
+        check_algorithm_fits(cfg)
+    check_algorithm_fits(compose_config(["experiment=snail_omniglot_5w1s", "data.ways=7", "data.shots=3"]))

@@ -118,3 +118,36 @@ class MetaAlgorithm(nn.Module):
     def evaluate(self, episode: Episode, steps: int) -> torch.Tensor:
         """Query metric of each task after 0..steps adaptation steps: shape (T, steps + 1)."""
         raise NotImplementedError
+
+
+class PredictsQueries(MetaAlgorithm):
+    """What the algorithms without an inner loop share (metric-based: ProtoNets, Matching Networks; model-based:
+    SNAIL): a subclass gives one task's query loss and metric, ``_task(support_x, support_y, query_x, query_y,
+    ways)``; this runs it over a batch of tasks on the algorithm's path, averages it into the meta-loss and
+    reports each task's metric as (T, 1)."""
+
+    eval_inner_steps = 0  # nothing adapts: evaluate reports the query metric as predicted
+    capturable = True  # the same function at every iteration, without random draws (cuda_graphs)
+
+    def _task(self, support_x, support_y, query_x, query_y, ways: int):
+        raise NotImplementedError
+
+    def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query loss and metric of every task: two tensors of shape (T,)."""
+        if episode.query_x.shape[1] == 0:
+            raise ValueError(f"{type(self).__name__} learns from query examples, but the episode's tasks have none")
+        # ways is the episode's own (training tasks may have more ways than test tasks). Nothing
+        # inside differentiates, so the task's code is the same on both paths (functional unused).
+        return self.over_tasks(lambda *task, functional: self._task(*task, episode.ways),
+                               episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+
+    def meta_loss(self, episode: Episode, iteration: int = 0):
+        losses, metrics = self._over_tasks(episode)
+        return losses.mean(), {"loss": losses.detach().mean(), self.metric: metrics.mean()}
+
+    def evaluate(self, episode: Episode, steps: int = 0) -> torch.Tensor:
+        """Query metric of each task, shape (T, 1): there are no adaptation steps to report."""
+        if steps != 0:
+            raise ValueError(f"{type(self).__name__} does not adapt: steps must be 0, got {steps}")
+        with torch.no_grad():
+            return self._over_tasks(episode)[1][:, None]

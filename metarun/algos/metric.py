@@ -4,9 +4,8 @@ A metric-based algorithm does not adapt: it embeds a task's support and query im
 headless network and classifies each query by a differentiable comparison with the labelled
 support embeddings. A subclass defines that comparison (``task_log_probs``); this module owns the
 rest: the checks on the problem type and network, the embedding under the batch-norm protocol, the
-cross-entropy on the queries, and running a batch of tasks one after another (``loop``) or all
-at once with ``torch.func.vmap`` (``vmap``; ``auto`` times both and keeps the faster, as
-``metarun.execution`` decides).
+cross-entropy on the queries. Running a batch of tasks on the chosen path (``metarun.execution``)
+and averaging it into the meta-loss is ``base.PredictsQueries``', shared with SNAIL.
 
 Batch norm (``transductive``):
 
@@ -24,13 +23,10 @@ protocol above.
 import torch
 from torch import nn
 
-from metarun.algos.base import MetaAlgorithm, problem_metric
-from metarun.data.episode import Episode
+from metarun.algos.base import PredictsQueries, problem_metric
 
 
-class MetricBased(MetaAlgorithm):
-    capturable = True
-    eval_inner_steps = 0  # nothing adapts: evaluate reports the query accuracy as embedded
+class MetricBased(PredictsQueries):
     problems = ("classification",)  # queries are classified by their labelled support examples
     embeds = True  # the network is a headless embedding
 
@@ -62,24 +58,3 @@ class MetricBased(MetaAlgorithm):
         log_probs = self.task_log_probs(support_z, support_y, query_z, ways)
         loss = nn.functional.nll_loss(log_probs, query_y)
         return loss, problem_metric(log_probs, query_y, self.problem).detach()
-
-    # -- a batch of tasks -------------------------------------------------------------------------
-    def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query loss and accuracy of every task: two tensors of shape (T,)."""
-        if episode.query_x.shape[1] == 0:
-            raise ValueError(f"{type(self).__name__} learns from query images, but the episode's tasks have none")
-        # ways is the episode's own (training tasks may have more ways than test tasks). Nothing
-        # inside differentiates, so the task's code is the same on both paths (functional unused).
-        return self.over_tasks(lambda *task, functional: self._task(*task, episode.ways),
-                               episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-
-    def meta_loss(self, episode: Episode, iteration: int = 0):
-        losses, metrics = self._over_tasks(episode)
-        return losses.mean(), {"loss": losses.detach().mean(), self.metric: metrics.mean()}
-
-    def evaluate(self, episode: Episode, steps: int = 0) -> torch.Tensor:
-        """Query accuracy of each task, shape (T, 1): there are no adaptation steps to report."""
-        if steps != 0:
-            raise ValueError(f"{type(self).__name__} does not adapt: steps must be 0, got {steps}")
-        with torch.no_grad():
-            return self._over_tasks(episode)[1][:, None]

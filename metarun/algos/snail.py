@@ -69,8 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algos.base import MetaAlgorithm, problem_loss, problem_metric
-from metarun.data.episode import Episode
+from metarun.algos.base import PredictsQueries, problem_loss, problem_metric
 from metarun.models.batchnorm import BatchStatNorm
 
 PAPER_ATTENTION_KEYS = (64, 256, 512)
@@ -188,13 +187,11 @@ class SNAILNet(nn.Module):
         return self._head(x)
 
 
-class SNAIL(MetaAlgorithm):
+class SNAIL(PredictsQueries):
     """SNAIL over a headless embedding network (see the module docstring). ``ways`` and ``shots`` size the
     network for sequences of ``ways * shots + 1`` steps (``shots + 1`` for regression, where ``ways`` is None)."""
 
-    eval_inner_steps = 0  # nothing adapts: evaluate reports the query metric as predicted
     embeds = True  # the network is a headless embedding; SNAIL's own layers make the prediction
-    capturable = True  # the same function at every iteration, without random draws
     fixed_task_shape = True  # the network is sized for the test tasks' ways and shots: training tasks must match
 
     def __init__(self, model: nn.Module, problem: str, ways: int | None = None, shots: int = 1,
@@ -257,26 +254,7 @@ class SNAIL(MetaAlgorithm):
         x = self.sequence_inputs(support_x, support_y, query_x)
         return self.net(x, self.support_size)[self.support_size:]
 
-    def _task(self, support_x, support_y, query_x, query_y):
+    def _task(self, support_x, support_y, query_x, query_y, ways: int | None = None):
+        """One task's query loss and metric (``ways`` is the network's own, ``self.ways``)."""
         out = self.predict(support_x, support_y, query_x)
         return problem_loss(out, query_y, self.problem), problem_metric(out, query_y, self.problem).detach()
-
-    # -- a batch of tasks -------------------------------------------------------------------------
-    def _over_tasks(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query loss and metric of every task: two tensors of shape (T,)."""
-        if episode.query_x.shape[1] == 0:
-            raise ValueError("SNAIL learns from query examples, but the episode's tasks have none")
-        # Nothing inside differentiates, so the task's code is the same on both paths (functional unused).
-        return self.over_tasks(lambda *task, functional: self._task(*task),
-                               episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-
-    def meta_loss(self, episode: Episode, iteration: int = 0):
-        losses, metrics = self._over_tasks(episode)
-        return losses.mean(), {"loss": losses.detach().mean(), self.metric: metrics.mean()}
-
-    def evaluate(self, episode: Episode, steps: int = 0) -> torch.Tensor:
-        """Query metric of each task, shape (T, 1): there are no adaptation steps to report."""
-        if steps != 0:
-            raise ValueError(f"SNAIL does not adapt: steps must be 0, got {steps}")
-        with torch.no_grad():
-            return self._over_tasks(episode)[1][:, None]

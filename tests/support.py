@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 
 import torch
@@ -101,3 +102,41 @@ def float64_algorithms(ways: int, shots: int = 2) -> dict:
         "snail": lambda: SNAIL(network(None), "classification", ways=ways, shots=shots, attention_keys=(4, 6, 5),
                                attention_values=(3, 5, 4), tc_filters=(5, 6), batching="loop").double(),
     }
+
+
+def hold_one_iteration(module: str, cls: str) -> str:
+    """A ``python -c`` script running the real CLI (``argv[3:]``) with ``cls.meta_loss`` held at call ``argv[2]``
+    until a SIGINT or SIGTERM has arrived, touching the file ``argv[1]`` once it holds: the test's signal then
+    lands mid-way between checkpoints however fast or loaded the machine is (a sleep before the signal let a
+    fast machine finish the run first, and a slow one not reach a checkpoint in time). SIGKILL ends it there."""
+    return textwrap.dedent(f"""
+        import signal, sys, threading, time
+        from pathlib import Path
+        from {module} import {cls}
+        from metarun.cli import main
+
+        cue, hold_at, calls = Path(sys.argv[1]), int(sys.argv[2]), []
+        real_meta_loss = {cls}.meta_loss
+
+        def meta_loss(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == hold_at:
+                arrived = threading.Event()
+                handlers = {{s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}}
+
+                def seen(signum, frame):
+                    signal.signal(signum, handlers[signum])
+                    arrived.set()
+                    if callable(handlers[signum]):
+                        handlers[signum](signum, frame)  # the run's own handler: a stop request
+
+                for s in handlers:
+                    signal.signal(s, seen)
+                cue.touch()
+                while not arrived.is_set():
+                    time.sleep(0.01)
+            return real_meta_loss(self, *args, **kwargs)
+
+        {cls}.meta_loss = meta_loss
+        sys.exit(main(sys.argv[3:]))
+    """)

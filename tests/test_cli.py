@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from metarun.utils.checkpoint import load_checkpoint
-from support import TINY_OMNIGLOT, TINY_SINUSOID, group_options, omniglot_location, read_metrics, slurm_problem
+from support import (TINY_OMNIGLOT, TINY_SINUSOID, group_options, hold_one_iteration, omniglot_location, read_metrics,
+                     slurm_problem)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -133,40 +134,8 @@ def test_a_launcher_reports_its_failed_job(tmp_path, launcher):
     assert read_metrics(next(sweep.glob("1_*")))["iterations"] == 6
 
 
-# The real CLI, holding one meta-iteration until the test's signal has arrived: the stop lands mid-way
-# between checkpoints however fast or loaded the machine is (a sleep before the signal let a fast machine
-# finish the run first, and a slow one not reach a checkpoint in time).
-HOLD_ONE_ITERATION = textwrap.dedent("""
-    import signal, sys, threading, time
-    from pathlib import Path
-    from metarun.algos.maml import MAML
-    from metarun.cli import main
-
-    cue, hold_at, calls = Path(sys.argv[1]), int(sys.argv[2]), []
-    real_meta_loss = MAML.meta_loss
-
-    def meta_loss(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == hold_at:
-            arrived = threading.Event()
-            handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-            def seen(signum, frame):
-                signal.signal(signum, handlers[signum])
-                arrived.set()
-                if callable(handlers[signum]):
-                    handlers[signum](signum, frame)  # the run's own handler: a stop request
-
-            for s in handlers:
-                signal.signal(s, seen)
-            cue.touch()
-            while not arrived.is_set():  # SIGKILL ends the process here
-                time.sleep(0.01)
-        return real_meta_loss(self, *args, **kwargs)
-
-    MAML.meta_loss = meta_loss
-    sys.exit(main(sys.argv[3:]))
-""")
+# The real CLI, holding MAML's iteration until the test's signal has arrived (support.hold_one_iteration).
+HOLD_ONE_ITERATION = hold_one_iteration("metarun.algos.maml", "MAML")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])

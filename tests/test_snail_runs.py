@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from metarun.evaluate import evaluate
 from metarun.experiment import build_experiment, check_algorithm_fits
 from metarun.train import train
 from metarun.utils.checkpoint import load_checkpoint, load_state
-from support import compose_config, omniglot_location, read_metrics
+from support import compose_config, hold_one_iteration, omniglot_location, read_metrics
 
 INNER_LOOP_KEYS = ["algo.inner_lr", "algo.inner_steps", "algo.eval_inner_steps", "algo.first_order"]
 TINY_SNAIL = ["algo=snail", "algo.attention_keys=[4,4]", "algo.attention_values=[4,4]", "algo.tc_filters=[4]",
@@ -151,35 +150,7 @@ def test_continued_image_run_ends_with_the_numbers_and_weights_of_an_uninterrupt
 
 # The real CLI, SNAIL's meta-loss held at one iteration until the test's SIGINT has arrived (as test_cli does
 # for MAML): the stop lands between checkpoints, however fast or loaded the machine is.
-HOLD_ONE_ITERATION = textwrap.dedent("""
-    import signal, sys, threading, time
-    from pathlib import Path
-    from metarun.algos.snail import SNAIL
-    from metarun.cli import main
-
-    cue, hold_at, calls = Path(sys.argv[1]), int(sys.argv[2]), []
-    real_meta_loss = SNAIL.meta_loss
-
-    def meta_loss(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == hold_at:
-            arrived = threading.Event()
-            handler = signal.getsignal(signal.SIGINT)
-
-            def seen(signum, frame):
-                signal.signal(signum, handler)
-                arrived.set()
-                handler(signum, frame)  # the run's own handler: a stop request
-
-            signal.signal(signal.SIGINT, seen)
-            cue.touch()
-            while not arrived.is_set():
-                time.sleep(0.01)
-        return real_meta_loss(self, *args, **kwargs)
-
-    SNAIL.meta_loss = meta_loss
-    sys.exit(main(sys.argv[3:]))
-""")
+HOLD_ONE_ITERATION = hold_one_iteration("metarun.algos.snail", "SNAIL")
 
 
 @pytest.mark.slow

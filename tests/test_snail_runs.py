@@ -126,10 +126,9 @@ def test_eval_reproduces_the_runs_test_numbers(snail_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("snail_run", ["sinusoid"], indirect=True)  # the refusal reads only the algorithm's config
 def test_eval_refuses_inner_loop_settings_for_a_snail_checkpoint(snail_run, tmp_path):
     kind, overrides, run_dir = snail_run
-    if kind != "sinusoid":
-        pytest.skip("one checkpoint is enough: the refusal reads only the algorithm's config")
     result = metarun("eval", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "algo.eval_inner_steps=3",
                      f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     assert_one_line_error(result, "algo.eval_inner_steps does not apply", "no inner loop", "leave it out")

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metarun.algos.base import MetaAlgorithm
 from metarun.algos.gradient import GradientBased
 from metarun.config import conf_dir, schema
+from metarun.data.store import device_memory, size_text
 from metarun.errors import MetarunError
 from metarun.models.batchnorm import batch_norm_mode
 from metarun.utils.runtime import build, resolve_device, target_class
@@ -49,6 +50,7 @@ def build_experiment(cfg: DictConfig):
     device = resolve_device(cfg.device.name)
     check_algorithm_fits(cfg)
     data = build(cfg.data)
+    check_network_fits(cfg, data.problem, device)
     torch.manual_seed(cfg.seed)
     try:
         model = build(cfg.model)
@@ -66,6 +68,29 @@ def build_experiment(cfg: DictConfig):
         )
     algo = build(cfg.algo, model=model, problem=data.problem)
     return device, data.to(device), algo.to(device)
+
+
+# Bytes a parameter holds at least while it trains: itself, its gradient and two moment estimates (Adam).
+TRAINING_COPIES = 4
+
+
+def check_network_fits(cfg: DictConfig, problem: str, device: torch.device) -> None:
+    """Refuse, in one line, a network whose parameters alone (with their gradients and optimiser state) exceed
+    the device's memory: a huge ``model.hidden`` or ``algo.attention_keys`` would otherwise end in the kernel's
+    out-of-memory kill, with no message. Counted on the meta device, so nothing is allocated; a config that
+    does not build there is left to the real build, which reports it."""
+    try:
+        with torch.device("meta"):
+            algo = build(cfg.algo, model=build(cfg.model), problem=problem)
+    except Exception:  # noqa: BLE001 (the real build below reports what is wrong)
+        return
+    count = sum(p.numel() for p in algo.parameters())
+    need = TRAINING_COPIES * sum(p.numel() * p.element_size() for p in algo.parameters())
+    total = device_memory(device)
+    if need > total:
+        raise MetarunError(f"the network has {count:,} parameters: with their gradients and optimiser state they "
+                           f"need {size_text(need)}, more than the {size_text(total)} of {device.type}: make it "
+                           f"smaller (the model.* and algo.* sizes)")
 
 
 def check_algorithm_fits(cfg: DictConfig) -> None:

@@ -233,3 +233,23 @@ def test_training_tasks_of_the_test_shape_are_accepted():
 def test_the_command_line_prints_them_as_one_line_with_exit_status_2(tmp_path, args, words):
     result = metarun("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert_one_line_error(result, *words)
+
+
+def test_a_network_too_large_for_memory_is_one_line_not_a_kill(tmp_path):
+    # 2e10 parameters (attention keys of 1e9): building it used to end in the kernel's out-of-memory SIGKILL
+    # with no message; the size is counted on the meta device first and refused before anything is allocated.
+    result = metarun("train", *SINUSOID, "algo.attention_keys=[1000000000,4]", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path, timeout=120)
+    assert_one_line_error(result, "parameters", "more than the", "make it smaller")
+
+
+def test_the_memory_check_counts_the_network_against_the_devices_memory(monkeypatch):
+    from metarun import experiment
+
+    cfg = compose_config(SINUSOID)
+    params = sum(p.numel() for p in build_experiment(cfg)[2].parameters())
+    monkeypatch.setattr(experiment, "device_memory", lambda device: experiment.TRAINING_COPIES * 4 * params - 1)
+    with pytest.raises(MetarunError, match=f"the network has {params:,} parameters"):
+        build_experiment(cfg)
+    monkeypatch.setattr(experiment, "device_memory", lambda device: experiment.TRAINING_COPIES * 4 * params)
+    build_experiment(cfg)  # exactly what it needs (float32 weights, gradients, two moments) fits
